@@ -1,0 +1,20 @@
+# overlock-mm developer commands. Every target sets the environment up first (idempotent).
+#   make test                 set up .venv and run the test suite
+#   make demo                 set up, generate the synthetic COCO set, train + evaluate Cascade Mask R-CNN on CPU
+#   WHEELS=dir make ...       use prebuilt wheels from dir as a cache (e.g. mmcv with ops)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WHEELS ?=
+SETUP_ARGS := $(if $(WHEELS),--find-links $(WHEELS),)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo demo-seg demo-cls flops benchmark
+
+setup:
+	bash tools/setup_env.sh $(SETUP_ARGS) --venv $(VENV)
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+flops: setup
+	$(PY) tools/analysis/get_flops.py

@@ -1,0 +1,3 @@
+from .overlock import OverLoCK
+
+__all__ = ['OverLoCK']

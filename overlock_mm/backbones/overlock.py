@@ -1,0 +1,378 @@
+"""The OverLoCK backbone (Lou & Yu, "OverLoCK: An Overview-first-Look-Closely-next ConvNet with
+Context-Mixing Dynamic Kernels", CVPR 2025, arXiv 2502.20087).
+
+Base-Net (stem + stages 1-3 of RepConvBlocks) -> Overview-Net (stage 4, stride 32, the context
+prior) -> Focus-Net (DynamicConvBlocks at strides 16 and 32, guided by the prior).
+Parameter names equal the authors' released checkpoints in all three layouts:
+
+* ``'cls'``: ImageNet classification (``overlock_*_in1k_224.pth`` minus ``head``/``aux_head``,
+  which live in :class:`overlock_mm.heads.OverLoCKClsHead`);
+* ``'seg'``: dense pyramid with ``extra_norm`` (UperNet checkpoints);
+* ``'det'``: ``'seg'`` plus the stage-4 overview fusion ``h_proj`` (Mask R-CNN checkpoints).
+
+Variants live in :attr:`OverLoCK.arch_settings`; add one there or pass a dict.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerScale, RepConvBlock
+from ..layers.conv import conv_bn
+from ..layers.norm import GRN
+from ..registry import MODELS
+from ..utils.checkpoint import load_backbone_weights
+
+LAYOUTS = ('cls', 'seg', 'det')
+ARCH_FIELDS = ('depths', 'sub_depths', 'embed_dims', 'kernel_sizes', 'num_heads', 'mlp_ratio',
+               'sub_mlp_ratio')
+
+
+def _stem(in_channels: int, dim: int) -> nn.Sequential:
+    half = dim // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
+        nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim),
+    )
+
+
+class FocusDownsample(nn.Module):
+    """``patch_embedx``: stride-2 downsampling of the features and of the context together."""
+
+    def __init__(self, in_dim: int, out_dim: int, ctx_channels: int) -> None:
+        super().__init__()
+        self.x_proj = conv_bn(in_dim, out_dim, 3, stride=2)
+        self.h_proj = conv_bn(ctx_channels, ctx_channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.x_proj(x), self.h_proj(ctx)
+
+
+@MODELS.register_module()
+class OverLoCK(BaseModule):
+    """OverLoCK backbone.
+
+    Args:
+        arch (str | dict): ``'xt'``, ``'t'``, ``'s'``, ``'b'`` (or ``'xtiny'``, ``'tiny'``,
+            ``'small'``, ``'base'``), or a dict with the keys ``depths`` (4 ints: blocks1..4),
+            ``sub_depths`` (2 ints: sub_blocks3, sub_blocks4), ``embed_dims`` (4 ints),
+            ``kernel_sizes`` (4 odd ints), ``num_heads`` (2 ints, Focus-Net stages 3 and 4),
+            ``mlp_ratio`` (a number or 4) and ``sub_mlp_ratio`` (a number or 2).
+        layout (str): ``'cls'``, ``'seg'`` or ``'det'`` (see the module docstring).
+            Defaults to ``'cls'``.
+        in_channels (int): input channels. Defaults to 3.
+        out_indices (Sequence[int], optional): outputs to return. 0-3 are the stride 4/8/16/32
+            features (normalised by ``extra_norm`` in the dense layouts); 4 is the Overview-Net's
+            raw stride-32 context (input of the classification aux head). Defaults to ``(3,)``
+            for ``'cls'`` and ``(0, 1, 2, 3)`` otherwise.
+        drop_path_rate (float): stochastic depth, rising linearly over blocks1..4, sub_blocks3,
+            sub_blocks4. Defaults to 0.
+        smk_size (int): small dynamic kernel size. Defaults to 5.
+        ls_init_values (Sequence[float | None]): LayerScale init per stage. Defaults to
+            ``(None, None, 1., 1.)``.
+        frozen_stages (int): freeze (eval mode, no grad) the first ``n`` parts of
+            ``[stem + blocks1 (+extra_norm.0), patch_embed2 + blocks2 (+extra_norm.1),
+            patch_embed3 + blocks3, Overview-Net (patch_embed4, blocks4, high_level_proj),
+            Focus-Net (everything else)]``. -1 or 0 freezes nothing. Defaults to -1.
+        norm_eval (bool): keep every BatchNorm in eval mode while training. Defaults to False.
+        with_cp (bool | Sequence[bool]): gradient checkpointing of the blocks, one flag or one per
+            resolution (stride 4, 8, 16 (blocks3 and sub_blocks3), 32 (blocks4 and
+            sub_blocks4)). Defaults to False.
+        deploy (bool): build the re-parameterised network directly (for ``*_reparam.pth``).
+            Defaults to False.
+        contmix_impl (str): ContMix aggregation implementation, ``'auto'`` picks the fastest
+            for the device; ``'reference'`` forces the ``F.unfold`` formulation.
+        init_cfg (dict | list[dict], optional): e.g. ``dict(type='Pretrained', checkpoint=...)``
+            with an authors' ImageNet, COCO or ADE20K checkpoint or one of ours.
+    """
+
+    arch_settings: Dict[str, dict] = {
+        'xt': dict(depths=[2, 2, 3, 2], sub_depths=[6, 2], embed_dims=[56, 112, 256, 336],
+                   kernel_sizes=[17, 15, 13, 7], num_heads=[4, 6], mlp_ratio=4, sub_mlp_ratio=3),
+        't': dict(depths=[4, 4, 6, 2], sub_depths=[12, 2], embed_dims=[64, 128, 256, 512],
+                  kernel_sizes=[17, 15, 13, 7], num_heads=[4, 8], mlp_ratio=4, sub_mlp_ratio=3),
+        's': dict(depths=[6, 6, 8, 3], sub_depths=[16, 3], embed_dims=[64, 128, 320, 512],
+                  kernel_sizes=[17, 15, 13, 7], num_heads=[8, 16], mlp_ratio=4, sub_mlp_ratio=3),
+        'b': dict(depths=[8, 8, 10, 4], sub_depths=[20, 4], embed_dims=[80, 160, 384, 576],
+                  kernel_sizes=[17, 15, 13, 7], num_heads=[6, 9], mlp_ratio=4, sub_mlp_ratio=3),
+    }
+    arch_aliases = {'xtiny': 'xt', 'tiny': 't', 'small': 's', 'base': 'b'}
+    #: the pyramid channels per layout: out 2 and 3 carry the context channels.
+    num_out_levels = 5
+
+    def __init__(self,
+                 arch: Union[str, dict] = 't',
+                 layout: str = 'cls',
+                 in_channels: int = 3,
+                 out_indices: Optional[Sequence[int]] = None,
+                 drop_path_rate: float = 0.,
+                 smk_size: int = 5,
+                 ls_init_values: Sequence[Optional[float]] = (None, None, 1., 1.),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: Union[bool, Sequence[bool]] = False,
+                 deploy: bool = False,
+                 contmix_impl: str = 'auto',
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch = self._parse_arch(arch)
+        if layout not in LAYOUTS:
+            raise ValueError(f"OverLoCK: unknown layout '{layout}'; valid layouts: "
+                             f"{', '.join(LAYOUTS)} (classification, segmentation, detection).")
+        self.layout = layout
+        self.in_channels = in_channels
+        depths, sub_depths = self.arch['depths'], self.arch['sub_depths']
+        dims, kernels = self.arch['embed_dims'], self.arch['kernel_sizes']
+        heads = self.arch['num_heads']
+        self.embed_dims = list(dims)
+        ctx = dims[3] // 4
+        self.ctx_channels = ctx
+        #: output channels of out_indices 0..4.
+        self.out_channels = [dims[0], dims[1], dims[2] + ctx, dims[3] + ctx, dims[3]]
+
+        if out_indices is None:
+            out_indices = (3,) if layout == 'cls' else (0, 1, 2, 3)
+        if isinstance(out_indices, int):
+            out_indices = (out_indices,)
+        out_indices = tuple(out_indices)
+        for i in out_indices:
+            if not isinstance(i, int) or not -self.num_out_levels <= i < self.num_out_levels:
+                raise ValueError(f'OverLoCK: out_indices {out_indices} has {i!r}; valid indices are '
+                                 '0-3 (stride 4/8/16/32 features) and 4 (overview context).')
+        self.out_indices = tuple(i % self.num_out_levels for i in out_indices)
+
+        if len(ls_init_values) != 4:
+            raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), got '
+                             f'{tuple(ls_init_values)}.')
+        if isinstance(with_cp, bool):
+            with_cp = (with_cp,) * 4
+        if len(with_cp) != 4:
+            raise ValueError(f'OverLoCK: with_cp must be a bool or 4 bools, got {with_cp}.')
+        self.with_cp = tuple(bool(c) for c in with_cp)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.drop_path_rate = drop_path_rate
+        self.deploy = deploy
+
+        total = sum(depths) + sum(sub_depths)
+        rates = iter([drop_path_rate * i / max(total - 1, 1) for i in range(total)])
+
+        # Module creation order = the released state-dict order.
+        self.patch_embed1 = _stem(in_channels, dims[0])
+        self.patch_embed2 = conv_bn(dims[0], dims[1], 3, stride=2)
+        self.patch_embed3 = conv_bn(dims[1], dims[2], 3, stride=2)
+        self.patch_embed4 = conv_bn(dims[2], dims[3], 3, stride=2)
+        self.high_level_proj = nn.Conv2d(dims[3], ctx, 1)
+        self.patch_embedx = FocusDownsample(dims[2], dims[3], ctx)
+        for i in range(4):
+            blocks = nn.ModuleList(
+                RepConvBlock(dims[i], kernels[i], self.arch['mlp_ratio'][i], ls_init_values[i],
+                             next(rates), deploy=deploy) for _ in range(depths[i]))
+            self.add_module(f'blocks{i + 1}', blocks)
+        for s, stage in enumerate((2, 3)):
+            n = sub_depths[s]
+            blocks = nn.ModuleList(
+                DynamicConvBlock(dims[stage], dims[3], kernels[stage], smk_size, heads[s],
+                                 self.arch['sub_mlp_ratio'][s], ls_init_values[stage], next(rates),
+                                 is_first=(stage == 2 and j == 0),
+                                 is_last=(stage == 3 and j == n - 1),
+                                 deploy=deploy, contmix_impl=contmix_impl)
+                for j in range(n))
+            self.add_module(f'sub_blocks{stage + 1}', blocks)
+        if layout == 'det':
+            self.h_proj = nn.Sequential(nn.Conv2d(dims[3], dims[3] + ctx, 1),
+                                        LayerScale(dims[3] + ctx, 1e-5))
+        if layout != 'cls':
+            norms = [LayerNorm2d(c) for c in self.out_channels[:4]]
+            if layout == 'det':
+                norms.append(LayerNorm2d(dims[3]))
+            self.extra_norm = nn.ModuleList(norms)
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            key = cls.arch_aliases.get(arch.lower(), arch.lower())
+            if key not in cls.arch_settings:
+                valid = sorted(cls.arch_settings) + sorted(cls.arch_aliases)
+                raise ValueError(f"OverLoCK: unknown arch '{arch}'; valid names: "
+                                 f"{', '.join(valid)}, or a dict with keys {', '.join(ARCH_FIELDS)}.")
+            arch = cls.arch_settings[key]
+        elif not isinstance(arch, dict):
+            raise TypeError(f'OverLoCK: arch must be a str or dict, got {type(arch).__name__}.')
+        missing = [f for f in ARCH_FIELDS if f not in arch]
+        if missing:
+            raise ValueError(f'OverLoCK: arch dict is missing {", ".join(missing)} '
+                             f'(required keys: {", ".join(ARCH_FIELDS)}).')
+        unknown = sorted(set(arch) - set(ARCH_FIELDS))
+        if unknown:
+            raise ValueError(f'OverLoCK: arch dict has unknown keys {", ".join(unknown)} '
+                             f'(valid keys: {", ".join(ARCH_FIELDS)}).')
+        arch = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
+        for field, n in (('mlp_ratio', 4), ('sub_mlp_ratio', 2)):
+            if isinstance(arch[field], (int, float)):
+                arch[field] = [arch[field]] * n  # one ratio for every stage
+        for field, n in (('depths', 4), ('sub_depths', 2), ('embed_dims', 4), ('kernel_sizes', 4),
+                         ('num_heads', 2), ('mlp_ratio', 4), ('sub_mlp_ratio', 2)):
+            if not isinstance(arch[field], list) or len(arch[field]) != n:
+                raise ValueError(f'OverLoCK: arch field {field} must be a list of {n} ints, '
+                                 f'got {arch[field]!r}.')
+        dims, heads = arch['embed_dims'], arch['num_heads']
+        if dims[0] % 2:
+            raise ValueError(f'OverLoCK: embed_dims[0]={dims[0]} must be even (the stem halves it).')
+        if dims[3] % 4:
+            raise ValueError(f'OverLoCK: embed_dims[3]={dims[3]} must be divisible by 4 '
+                             '(the context prior has embed_dims[3] // 4 channels).')
+        for s, stage in enumerate((2, 3)):
+            # ContMix splits C into 2 kernels x 2h groups, and the query into 2h groups.
+            if dims[stage] % (4 * heads[s]):
+                raise ValueError(f'OverLoCK: embed_dims[{stage}]={dims[stage]} must be divisible by '
+                                 f'4 * num_heads[{s}] = {4 * heads[s]} (2 dynamic kernels x '
+                                 f'2 * num_heads groups).')
+        for k in arch['kernel_sizes']:
+            if k not in DilatedReparamBlock.valid_kernel_sizes():
+                raise ValueError(f'OverLoCK: arch field kernel_sizes has {k}; valid kernel sizes: '
+                                 f'{DilatedReparamBlock.valid_kernel_sizes()}.')
+        return arch
+
+    # ----------------------------------------------------------------------------- forward
+    def _run(self, blocks: nn.ModuleList, use_cp: bool, *args):
+        for blk in blocks:
+            if use_cp and self.training and torch.is_grad_enabled():
+                out = cp.checkpoint(blk, *args, use_reentrant=False)
+            else:
+                out = blk(*args)
+            if isinstance(blk, DynamicConvBlock):
+                args = (*out, args[2])
+            else:
+                args = (out,)
+        return args
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'OverLoCK expects a torch.Tensor, got {type(x).__name__}.')
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'OverLoCK expects an NCHW tensor with {self.in_channels} channels, '
+                             f'got shape {tuple(x.shape)}.')
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        self._check_input(x)
+        dense = self.layout != 'cls'
+        outs = {}
+        x = self.patch_embed1(x)
+        (x,) = self._run(self.blocks1, self.with_cp[0], x)
+        outs[0] = self.extra_norm[0](x) if dense else x
+        x = self.patch_embed2(x)
+        (x,) = self._run(self.blocks2, self.with_cp[1], x)
+        if dense:
+            # The released dense models feed the *normalised* stride-8 map to stage 3.
+            x = self.extra_norm[1](x)
+        outs[1] = x
+        x = self.patch_embed3(x)
+        (x,) = self._run(self.blocks3, self.with_cp[2], x)
+
+        # Overview-Net: a coarse look at the whole image gives the context prior.
+        ctx = self.patch_embed4(x)
+        (ctx,) = self._run(self.blocks4, self.with_cp[3], ctx)
+        overview = ctx
+        prior = self.high_level_proj(ctx)
+        prior_up = F.interpolate(prior, size=x.shape[2:], mode='bilinear', align_corners=False)
+
+        # Focus-Net: dynamic blocks guided by the prior, which is re-injected in every block.
+        x, ctx, _ = self._run(self.sub_blocks3, self.with_cp[2], x, prior_up, prior_up)
+        if 2 in self.out_indices:
+            out2 = torch.cat([x, ctx], dim=1)
+            outs[2] = self.extra_norm[2](out2) if dense else out2
+        x, ctx = self.patch_embedx(x, ctx)
+        x, _, _ = self._run(self.sub_blocks4, self.with_cp[3], x, ctx, prior)
+        if dense:
+            x = self.extra_norm[3](x)
+            if self.layout == 'det':
+                x = x + self.h_proj(self.extra_norm[4](overview))
+        outs[3] = x
+        outs[4] = overview
+        return tuple(outs[i] for i in self.out_indices)
+
+    # ------------------------------------------------------------------- training behaviour
+    def _stage_modules(self) -> List[List[nn.Module]]:
+        """The parts ``frozen_stages`` counts, in forward order."""
+        norms = list(self.extra_norm) if hasattr(self, 'extra_norm') else []
+        parts = [[self.patch_embed1, self.blocks1], [self.patch_embed2, self.blocks2],
+                 [self.patch_embed3, self.blocks3],
+                 [self.patch_embed4, self.blocks4, self.high_level_proj],
+                 [self.sub_blocks3, self.patch_embedx, self.sub_blocks4]]
+        if norms:
+            parts[0].append(norms[0])
+            parts[1].append(norms[1])
+            parts[4].extend(norms[2:])
+        if hasattr(self, 'h_proj'):
+            parts[4].append(self.h_proj)
+        return parts
+
+    def _freeze_stages(self) -> None:
+        parts = self._stage_modules()
+        if self.frozen_stages > len(parts):
+            raise ValueError(f'OverLoCK: frozen_stages={self.frozen_stages} but there are only '
+                             f'{len(parts)} parts to freeze (-1 freezes nothing).')
+        for modules in parts[:max(self.frozen_stages, 0)]:
+            for m in modules:
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'OverLoCK':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def switch_to_deploy(self) -> None:
+        """Fuse every DilatedReparamBlock into one large-kernel conv (``*_reparam.pth`` layout)."""
+        for m in self.modules():
+            if isinstance(m, DilatedReparamBlock):
+                m.switch_to_deploy()
+        self.deploy = True
+
+    # ------------------------------------------------------------------------------ weights
+    def _default_init(self) -> None:
+        """Released training init: trunc-normal(0.02) convs/linears, zero biases; norms 1/0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # LayerScale / GRN / rpb keep their constructor values (init value, zeros).
+
+    def init_weights(self) -> None:
+        self._default_init()
+        cfg = self.init_cfg
+        if isinstance(cfg, (list, tuple)):
+            pretrained = [c for c in cfg if c.get('type') == 'Pretrained']
+            rest = [c for c in cfg if c.get('type') != 'Pretrained']
+        else:
+            pretrained = [cfg] if cfg is not None and cfg.get('type') == 'Pretrained' else []
+            rest = [cfg] if cfg is not None and not pretrained else []
+        if rest:
+            self.init_cfg = rest if len(rest) > 1 else rest[0]
+            super().init_weights()
+            self.init_cfg = cfg
+        for c in pretrained:
+            load_backbone_weights(self, c['checkpoint'], prefix=c.get('prefix'),
+                                  map_location=c.get('map_location', 'cpu'),
+                                  logger=MMLogger.get_current_instance())
+        self._is_init = True

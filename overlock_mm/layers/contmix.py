@@ -1,0 +1,75 @@
+"""ContMix: context-mixing dynamic kernels (OverLoCK, CVPR 2025, Sec. 3.3).
+
+Each pixel gets two dynamic depthwise kernels (a small ``s x s`` and a large ``K x K`` one) whose
+taps are softmax weights derived from the pixel's affinity to 7x7 pooled regions of the context
+prior. This file holds the kernel *generation* (affinity -> taps -> softmax with relative position
+bias) and calls the aggregation op (:mod:`overlock_mm.ops`). Change the kernel here.
+"""
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops import na2d_av, relative_position_index
+
+#: the context is pooled to this many regions per side (``weight_key``'s AdaptiveAvgPool).
+NUM_REGIONS_SIDE = 7
+
+
+@lru_cache(maxsize=64)
+def _rpb_index(h: int, w: int, k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return relative_position_index(h, k, device), relative_position_index(w, k, device)
+
+
+def relative_position_bias(rpb: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Expand a ``[G, 2k-1, 2k-1]`` table into per-pixel tap biases ``[G, k*k, H, W]``.
+
+    Tap ``(a, b)`` of pixel ``(i, j)`` reads ``rpb[g, p(i) + a, p(j) + b]`` (NATTEN 0.17).
+    """
+    k = (rpb.shape[-1] + 1) // 2
+    ri, rj = _rpb_index(h, w, k, rpb.device)  # [H, k], [W, k]
+    bias = rpb[:, ri[:, :, None, None], rj[None, None, :, :]]  # [G, H, k(a), W, k(b)]
+    return bias.permute(0, 2, 4, 1, 3).reshape(rpb.shape[0], k * k, h, w)
+
+
+def contmix_kernels(affinity: torch.Tensor, proj: nn.Conv2d, rpb_small: torch.Tensor,
+                    rpb_large: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Turn pixel-to-region affinities into the two softmax-normalised dynamic kernels.
+
+    Args:
+        affinity: ``[B, G, H*W, 49]`` scaled query-key products.
+        proj: the ``weight_proj`` 1x1 conv mapping 49 regions to ``s*s + K*K`` taps.
+        rpb_small, rpb_large: relative position bias tables ``[G, 2s-1, 2s-1]``, ``[G, 2K-1, 2K-1]``.
+
+    Returns:
+        ``([B, G, s*s, H, W], [B, G, K*K, H, W])`` kernels, each summing to one over taps.
+    """
+    b, g, n, _ = affinity.shape
+    taps = proj.out_channels
+    # The 1x1 conv across the 49 region channels, as a matmul: [T, 49] @ [B, G, 49, HW].
+    logits = torch.matmul(proj.weight.view(taps, -1).to(affinity.dtype), affinity.transpose(-1, -2))
+    logits = logits + proj.bias.view(taps, 1).to(logits.dtype)
+    logits = logits.view(b, g, taps, h, w)
+    s2 = rpb_small.shape[-1] // 2 + 1
+    small, large = logits.split([s2 * s2, taps - s2 * s2], dim=2)
+    small = (small + relative_position_bias(rpb_small, h, w)).softmax(dim=2)
+    large = (large + relative_position_bias(rpb_large, h, w)).softmax(dim=2)
+    return small, large
+
+
+def contmix_aggregate(value: torch.Tensor, small: torch.Tensor, large: torch.Tensor,
+                      impl: str = 'auto') -> torch.Tensor:
+    """Apply the two kernels to ``value`` ``[B, C, H, W]``.
+
+    The first C/2 channels (``m = 0``) are aggregated with the small kernel and the rest with the
+    large one, ``G`` heads each, channel order ``(m, G, C / 2G)``.
+    """
+    b, c, h, w = value.shape
+    g = small.shape[1]
+    v = value.view(b, 2, g, c // (2 * g), h, w)
+    ks = int(round(small.shape[2] ** 0.5))
+    kl = int(round(large.shape[2] ** 0.5))
+    out_s = na2d_av(small, v[:, 0], ks, impl=impl)
+    out_l = na2d_av(large, v[:, 1], kl, impl=impl)
+    return torch.cat([out_s, out_l], dim=1).view(b, c, h, w)

@@ -1,0 +1,240 @@
+"""Neighbourhood aggregation ("AV" step of ContMix) with NATTEN 0.17 ``na2d_av`` semantics.
+
+Semantics (facts from NATTEN 0.17, restated in ARCHITECTURE.md): for a kernel ``k`` with
+``r = k // 2`` on an axis of length ``L >= k``, position ``i`` aggregates the window that starts at
+``start(i) = clamp(i - r, 0, L - k)``. Windows shift inward at the borders instead of being zero
+padded, so every output pixel sees exactly ``k * k`` real neighbours. Tap ``t = a * k + b`` of pixel
+``(i, j)`` refers to neighbour ``(start(i) + a, start(j) + b)``.
+
+Layout used throughout this package (channels first, so no permutes are needed around the op):
+
+* ``attn``:  ``[B, G, k*k, H, W]`` -- per-pixel kernel weights, tap-major;
+* ``value``: ``[B, G, D, H, W]``   -- a plain ``x.view(B, G, D, H, W)`` of an NCHW tensor;
+* output:    ``[B, G, D, H, W]``.
+
+Why a custom autograd function: differentiating a gather formulation makes autograd keep the
+gathered ``[B, G, D, k*k, H, W]`` neighbourhood tensor alive until backward (k*k times the size of
+``value``: 169x at k = 13). :class:`_NeighborhoodAV` saves only ``attn`` and ``value`` and walks the
+``k*k`` taps again in backward.
+
+Clamped windows make the tap loop cheap: for a fixed tap row ``a`` the source row of output row
+``i`` is ``a`` for ``i < r`` (a broadcast), ``i - r + a`` for ``r <= i < L - r`` (a shifted
+slice) and ``L - k + a`` for ``i >= L - r`` (a broadcast). Every tap therefore touches only
+views of ``value`` -- no per-tap copies.
+"""
+from functools import lru_cache
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['na2d_av', 'na2d_av_reference', 'window_start', 'relative_position_index',
+           'available_impls', 'register_impl']
+
+
+def _check_inputs(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f'kernel_size must be a positive odd integer, got {kernel_size}.')
+    if attn.dim() != 5 or value.dim() != 5:
+        raise ValueError('na2d_av expects attn [B, G, k*k, H, W] and value [B, G, D, H, W]; got '
+                         f'attn {tuple(attn.shape)} and value {tuple(value.shape)}.')
+    b, g, t, h, w = attn.shape
+    if t != kernel_size * kernel_size:
+        raise ValueError(f'attn has {t} taps on dim 2 but kernel_size {kernel_size} needs '
+                         f'{kernel_size * kernel_size}.')
+    if (value.shape[0], value.shape[1], value.shape[3], value.shape[4]) != (b, g, h, w):
+        raise ValueError(f'attn {tuple(attn.shape)} and value {tuple(value.shape)} disagree in '
+                         'batch, groups or spatial size.')
+    if h < kernel_size or w < kernel_size:
+        raise ValueError(f'feature map {h}x{w} is smaller than kernel_size {kernel_size}; '
+                         'resize it first (OverLoCK does so in DynamicConvBlock).')
+
+
+def window_start(length: int, kernel_size: int, device=None) -> torch.Tensor:
+    """``start(i) = clamp(i - k // 2, 0, L - k)`` for ``i`` in ``range(length)``."""
+    i = torch.arange(length, device=device)
+    return (i - kernel_size // 2).clamp(0, length - kernel_size)
+
+
+def relative_position_index(length: int, kernel_size: int, device=None) -> torch.Tensor:
+    """Index ``[L, k]`` into an rpb axis of size ``2k - 1`` for tap ``a`` of position ``i``.
+
+    It is the relative offset of the neighbour plus ``k - 1``:
+    ``start(i) + a - i + k - 1`` (NATTEN's ``p(i) + a``).
+    """
+    start = window_start(length, kernel_size, device)
+    a = torch.arange(kernel_size, device=device)
+    return start[:, None] + a[None, :] - torch.arange(length, device=device)[:, None] + kernel_size - 1
+
+
+@lru_cache(maxsize=None)
+def _regions(length: int, kernel_size: int) -> List[Tuple[int, int, int, bool]]:
+    """Split an axis into (out_start, out_stop, src_offset, broadcast) regions.
+
+    For tap ``a`` the source of region ``(o0, o1, s, bc)`` is ``value[s + a]`` broadcast over the
+    region when ``bc``, otherwise the slice ``value[s + a : s + a + (o1 - o0)]``.
+    """
+    r = kernel_size // 2
+    regions = []
+    if r > 0:
+        regions.append((0, r, 0, True))
+    regions.append((r, length - r, 0, False))
+    if r > 0:
+        regions.append((length - r, length, length - kernel_size, True))
+    return regions
+
+
+def _src(region: Tuple[int, int, int, bool], tap: int) -> slice:
+    o0, o1, s, bc = region
+    return slice(s + tap, s + tap + (1 if bc else o1 - o0))
+
+
+def _forward(attn: torch.Tensor, value: torch.Tensor, k: int, acc_dtype) -> torch.Tensor:
+    b, g, d, h, w = value.shape
+    out = value.new_zeros((b, g, d, h, w), dtype=acc_dtype)
+    rows, cols = _regions(h, k), _regions(w, k)
+    attn = attn.unsqueeze(2)  # [B, G, 1, T, H, W]: broadcast over channels
+    for a in range(k):
+        for bb in range(k):
+            t = a * k + bb
+            for ro in rows:
+                for co in cols:
+                    out[..., ro[0]:ro[1], co[0]:co[1]].addcmul_(
+                        attn[:, :, :, t, ro[0]:ro[1], co[0]:co[1]],
+                        value[..., _src(ro, a), _src(co, bb)])
+    return out
+
+
+def _backward(grad_out: torch.Tensor, attn: torch.Tensor, value: torch.Tensor, k: int,
+              need_attn: bool, need_value: bool):
+    b, g, d, h, w = value.shape
+    rows, cols = _regions(h, k), _regions(w, k)
+    grad_attn = torch.empty_like(attn) if need_attn else None
+    grad_value = torch.zeros_like(value) if need_value else None
+    attn5 = attn.unsqueeze(2)
+    for a in range(k):
+        for bb in range(k):
+            t = a * k + bb
+            for ro in rows:
+                for co in cols:
+                    oi, oj = slice(ro[0], ro[1]), slice(co[0], co[1])
+                    si, sj = _src(ro, a), _src(co, bb)
+                    go = grad_out[..., oi, oj]
+                    if need_attn:
+                        # d out / d attn[t] = value at the tap's neighbour, summed over channels.
+                        torch.sum(go * value[..., si, sj], dim=2, out=grad_attn[:, :, t, oi, oj])
+                    if need_value:
+                        # The transposed gather: broadcast regions fold into one source row/col.
+                        contrib = attn5[:, :, :, t, oi, oj] * go
+                        if ro[3]:
+                            contrib = contrib.sum(dim=-2, keepdim=True)
+                        if co[3]:
+                            contrib = contrib.sum(dim=-1, keepdim=True)
+                        grad_value[..., si, sj] += contrib
+    return grad_attn, grad_value
+
+
+def _compute_dtype(attn: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The dtype both operands are cast to (autocast-aware, like a matmul would be)."""
+    device_type = value.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(attn.dtype, value.dtype)
+
+
+class _NeighborhoodAV(torch.autograd.Function):
+    """Memory-lean autograd function: saves ``attn`` and ``value`` only."""
+
+    @staticmethod
+    def forward(ctx, attn, value, kernel_size):
+        dtype = attn.dtype
+        # Low-precision inputs accumulate in float32: k*k (up to 289) products per output.
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        out = _forward(attn, value, kernel_size, acc).to(dtype)
+        ctx.save_for_backward(attn, value)
+        ctx.kernel_size = kernel_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        attn, value = ctx.saved_tensors
+        grad_out = grad_out.to(value.dtype).contiguous()
+        grad_attn, grad_value = _backward(grad_out, attn, value, ctx.kernel_size,
+                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_attn, grad_value, None
+
+
+def _na2d_av_native(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    dtype = _compute_dtype(attn, value)
+    attn, value = attn.to(dtype).contiguous(), value.to(dtype).contiguous()
+    # Autocast is applied above; inside the function everything runs in ``dtype``.
+    with torch.autocast(value.device.type, enabled=False):
+        return _NeighborhoodAV.apply(attn, value, kernel_size)
+
+
+def na2d_av_reference(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The ``F.unfold`` formulation (the authors' no-natten fallback style).
+
+    It materialises every neighbourhood (``[B, G*D*k*k, H, W]``) and lets autograd keep it for
+    backward. Kept as the reference path for benchmarks and ``contmix_impl='reference'``.
+    """
+    _check_inputs(attn, value, kernel_size)
+    b, g, d, h, w = value.shape
+    k = kernel_size
+    # Sliding windows of the *unpadded* map: one per valid window start.
+    windows = F.unfold(value.reshape(b, g * d, h, w), k)  # [B, G*D*k*k, (H-k+1)*(W-k+1)]
+    windows = windows.view(b, g * d * k * k, h - k + 1, w - k + 1)
+    si = window_start(h, k, value.device)
+    sj = window_start(w, k, value.device)
+    windows = windows[:, :, si][:, :, :, sj]  # clamp: border pixels reuse the edge window
+    windows = windows.view(b, g, d, k * k, h, w)
+    dtype = _compute_dtype(attn, value)
+    return torch.einsum('bgthw,bgdthw->bgdhw', attn.to(dtype), windows.to(dtype))
+
+
+#: name -> implementation; every entry has the signature of :func:`na2d_av` without ``impl``.
+_IMPLS: Dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    'native': _na2d_av_native,
+    'reference': na2d_av_reference,
+}
+#: the order in which ``impl='auto'`` tries implementations for a device type.
+_AUTO_ORDER: Dict[str, List[str]] = {'cpu': ['native'], 'cuda': ['native']}
+
+
+def register_impl(name: str, fn: Callable, devices: Tuple[str, ...] = (), first: bool = True) -> None:
+    """Register a faster implementation and (optionally) make ``auto`` prefer it on ``devices``."""
+    _IMPLS[name] = fn
+    for dev in devices:
+        order = _AUTO_ORDER.setdefault(dev, ['native'])
+        if name not in order:
+            order.insert(0 if first else len(order), name)
+
+
+def available_impls() -> List[str]:
+    return sorted(_IMPLS)
+
+
+def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
+            impl: str = 'auto') -> torch.Tensor:
+    """Aggregate ``value`` over clamped ``k x k`` windows with per-pixel weights ``attn``.
+
+    Args:
+        attn (Tensor): ``[B, G, k*k, H, W]`` weights (usually softmax-normalised).
+        value (Tensor): ``[B, G, D, H, W]`` values; ``H, W >= kernel_size``.
+        kernel_size (int): odd window size ``k``.
+        impl (str): ``'auto'`` (fastest available for the device), or one of
+            :func:`available_impls` -- ``'reference'`` forces the ``F.unfold`` formulation.
+
+    Returns:
+        Tensor: ``[B, G, D, H, W]``, in the autocast dtype under autocast, otherwise in the
+        promoted dtype of the inputs.
+    """
+    _check_inputs(attn, value, kernel_size)
+    if impl == 'auto':
+        impl = _AUTO_ORDER.get(value.device.type, ['native'])[0]
+    try:
+        fn = _IMPLS[impl]
+    except KeyError:
+        raise ValueError(f"unknown na2d_av impl '{impl}'; valid: 'auto', "
+                         f"{', '.join(repr(k) for k in available_impls())}.") from None
+    return fn(attn, value, kernel_size)

@@ -1,0 +1,146 @@
+"""OverLoCK's mmpretrain-style API: errors, out_indices, freezing, checkpointing, small inputs."""
+import pytest
+import torch
+
+from overlock_mm import OverLoCK
+
+TINY = dict(depths=[1, 1, 1, 1], sub_depths=[1, 2], embed_dims=[16, 32, 64, 96],
+            kernel_sizes=[17, 15, 13, 7], num_heads=[2, 3], mlp_ratio=4, sub_mlp_ratio=3)
+
+
+def tiny(**kw):
+    return OverLoCK(dict(TINY), **kw)
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown arch 'huge'.*b, s, t, xt"):
+        OverLoCK('huge')
+
+
+def test_arch_aliases():
+    assert OverLoCK._parse_arch('tiny') == OverLoCK._parse_arch('t')
+
+
+@pytest.mark.parametrize('field', ['depths', 'sub_depths', 'embed_dims', 'kernel_sizes',
+                                   'num_heads', 'mlp_ratio', 'sub_mlp_ratio'])
+def test_arch_dict_missing_field_is_named(field):
+    arch = {k: v for k, v in TINY.items() if k != field}
+    with pytest.raises(ValueError, match=f'missing {field}'):
+        OverLoCK(arch)
+
+
+def test_arch_dict_unknown_field_is_named():
+    with pytest.raises(ValueError, match='unknown keys depth'):
+        OverLoCK(dict(TINY, depth=[1, 1, 1, 1]))
+
+
+def test_arch_width_not_divisible_by_heads_names_field():
+    with pytest.raises(ValueError, match=r'embed_dims\[2\]=60 must be divisible by 4 \* num_heads\[0\]'):
+        OverLoCK(dict(TINY, embed_dims=[16, 32, 60, 96]))
+    with pytest.raises(ValueError, match=r'embed_dims\[3\]=96 must be divisible by 4 \* num_heads\[1\] = 40'):
+        OverLoCK(dict(TINY, num_heads=[2, 10]))
+    with pytest.raises(ValueError, match='kernel_sizes'):
+        OverLoCK(dict(TINY, kernel_sizes=[17, 15, 13, 8]))
+    with pytest.raises(ValueError, match='depths must be a list of 4'):
+        OverLoCK(dict(TINY, depths=[1, 1, 1]))
+
+
+def test_caller_arch_dict_not_mutated():
+    arch = dict(TINY)
+    OverLoCK(arch)
+    assert arch == TINY and arch['mlp_ratio'] == 4
+
+
+def test_bad_layout_and_out_indices():
+    with pytest.raises(ValueError, match="unknown layout 'detection'"):
+        OverLoCK(dict(TINY), layout='detection')
+    with pytest.raises(ValueError, match='out_indices'):
+        OverLoCK(dict(TINY), out_indices=(0, 5))
+    with pytest.raises(ValueError, match='frozen_stages=6'):
+        OverLoCK(dict(TINY), frozen_stages=6)
+
+
+def test_bad_inputs():
+    model = tiny().eval()
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        model([torch.zeros(1, 3, 64, 64)])
+    with pytest.raises(ValueError, match=r'NCHW tensor with 3 channels, got shape \(1, 64, 64\)'):
+        model(torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match='3 channels'):
+        model(torch.zeros(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize('layout', ['cls', 'seg', 'det'])
+def test_output_shapes(layout):
+    model = tiny(layout=layout, out_indices=(0, 1, 2, 3, 4)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 96, 128))
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 16, 24, 32), (1, 32, 12, 16), (1, 88, 6, 8), (1, 120, 3, 4), (1, 96, 3, 4)]
+    assert model.out_channels == [16, 32, 88, 120, 96]
+
+
+@pytest.mark.parametrize('size', [(32, 32), (64, 96), (40, 200), (257, 129)])
+def test_small_and_odd_inputs_resize_path(size):
+    """Stage-3/4 maps smaller than the kernel go through the spec's resize path."""
+    model = tiny(layout='det').eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert outs[0].shape[-2:] == ((size[0] + 3) // 4, (size[1] + 3) // 4)
+
+
+def test_resized_size_matches_spec():
+    blk = tiny().sub_blocks3[0]  # K = 13
+    assert blk._resized_size(14, 20) == (14, 20)
+    assert blk._resized_size(4, 6) == (13, int(13 / 4 * 6))
+    assert blk._resized_size(6, 4) == (int(13 / 4 * 6), 13)
+    assert blk._resized_size(5, 5) == (13, 13)
+
+
+def test_frozen_stages_and_norm_eval():
+    model = tiny(layout='det', frozen_stages=2, norm_eval=True)
+    model.train()
+    frozen = [model.patch_embed1, model.blocks1, model.extra_norm[0], model.patch_embed2,
+              model.blocks2, model.extra_norm[1]]
+    for m in frozen:
+        assert all(not p.requires_grad for p in m.parameters())
+        assert not m.training
+    assert all(p.requires_grad for p in model.blocks3.parameters())
+    assert model.blocks3.training
+    bns = [m for m in model.sub_blocks3.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)  # norm_eval
+    # A training step leaves frozen weights untouched.
+    before = model.blocks1[0].proj[4].weight.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    assert torch.equal(before, model.blocks1[0].proj[4].weight)
+
+
+def test_with_cp_same_gradients():
+    torch.manual_seed(0)
+    a = tiny(layout='seg', with_cp=[False, True, True, True])
+    b = tiny(layout='seg', with_cp=False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for m in (a, b):
+        m.train()
+        sum(o.square().mean() for o in m(x)).backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, n
+            continue
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_drop_path_rates_rise_linearly():
+    model = OverLoCK(dict(TINY), drop_path_rate=0.5)
+    order = [*model.blocks1, *model.blocks2, *model.blocks3, *model.blocks4,
+             *model.sub_blocks3, *model.sub_blocks4]
+    rates = []
+    for blk in order:
+        dp = blk.proj[9] if hasattr(blk, 'ls') else blk.drop_path
+        rates.append(getattr(dp, 'drop_prob', 0.))
+    expected = torch.linspace(0, 0.5, len(order)).tolist()
+    assert rates == pytest.approx(expected, abs=1e-6)

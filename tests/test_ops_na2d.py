@@ -1,0 +1,151 @@
+"""ContMix aggregation op vs an independent brute-force NATTEN-0.17 reference.
+
+The reference below is written from the semantics in ARCHITECTURE.md with explicit Python loops
+(one output pixel at a time), in NATTEN's own [B, G, H, W, taps] layout, so it shares no code or
+layout with the implementation under test.
+"""
+import pytest
+import torch
+
+from overlock_mm.ops import available_impls, na2d_av
+
+IMPLS = available_impls()
+
+
+def brute_force_av(attn_nat: torch.Tensor, v_nat: torch.Tensor, k: int) -> torch.Tensor:
+    """attn [B, G, H, W, k*k], v [B, G, H, W, D] -> [B, G, H, W, D] (NATTEN layout)."""
+    B, G, H, W, D = v_nat.shape
+    r = k // 2
+    out = torch.zeros_like(v_nat)
+    for i in range(H):
+        si = min(max(i - r, 0), H - k)
+        for j in range(W):
+            sj = min(max(j - r, 0), W - k)
+            window = v_nat[:, :, si:si + k, sj:sj + k, :].reshape(B, G, k * k, D)
+            out[:, :, i, j] = (attn_nat[:, :, i, j, :, None] * window).sum(2)
+    return out
+
+
+def to_ours(attn_nat, v_nat):
+    return attn_nat.permute(0, 1, 4, 2, 3), v_nat.permute(0, 1, 4, 2, 3)
+
+
+def from_ours(out):
+    return out.permute(0, 1, 3, 4, 2)
+
+
+# Border-heavy sizes: H or W equal to k, k + 1, non-square; kernels of the real model included.
+CASES = [
+    (3, 3, 3), (3, 4, 5), (5, 5, 6), (5, 6, 5), (7, 7, 9), (7, 8, 7), (5, 11, 6), (13, 13, 14),
+    (13, 14, 20), (1, 3, 4),
+]
+
+
+def make(B, G, D, H, W, k, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.randn(B, G, H, W, k * k, generator=g, dtype=dtype).softmax(-1)
+    v = torch.randn(B, G, H, W, D, generator=g, dtype=dtype)
+    return attn, v
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('k,H,W', CASES)
+def test_forward_matches_brute_force(impl, k, H, W):
+    attn, v = make(2, 3, 4, H, W, k)
+    expected = brute_force_av(attn, v, k)
+    out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_forward_float32_tolerance(impl):
+    attn, v = make(1, 2, 8, 15, 17, 7, dtype=torch.float32)
+    expected = brute_force_av(attn.double(), v.double(), 7)
+    out = from_ours(na2d_av(*to_ours(attn, v), 7, impl=impl))
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('k,H,W', [(3, 3, 4), (3, 5, 3), (5, 5, 6), (5, 7, 9), (7, 8, 7)])
+def test_gradcheck_float64(impl, k, H, W):
+    attn, v = make(1, 2, 3, H, W, k)
+    a, vv = to_ours(attn, v)
+    a = a.contiguous().requires_grad_()
+    vv = vv.contiguous().requires_grad_()
+    # fast_mode checks random projections of the Jacobian (the full Jacobian has k*k*H*W columns);
+    # test_gradients_match_brute_force compares full gradients.
+    assert torch.autograd.gradcheck(lambda x, y: na2d_av(x, y, k, impl=impl), (a, vv),
+                                    eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('k,H,W', [(3, 3, 5), (5, 6, 5), (7, 7, 10)])
+def test_gradients_match_brute_force(impl, k, H, W):
+    attn, v = make(2, 2, 5, H, W, k, seed=1)
+    g = torch.randn(2, 2, H, W, 5, dtype=torch.float64)
+    a1, v1 = attn.clone().requires_grad_(), v.clone().requires_grad_()
+    (brute_force_av(a1, v1, k) * g).sum().backward()
+    a2, v2 = to_ours(attn, v)
+    a2 = a2.contiguous().requires_grad_()
+    v2 = v2.contiguous().requires_grad_()
+    (from_ours(na2d_av(a2, v2, k, impl=impl)) * g).sum().backward()
+    torch.testing.assert_close(a2.grad.permute(0, 1, 3, 4, 2), a1.grad)
+    torch.testing.assert_close(v2.grad.permute(0, 1, 3, 4, 2), v1.grad)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast(impl, dtype):
+    attn, v = make(1, 2, 8, 9, 11, 5, dtype=torch.float32)
+    expected = brute_force_av(attn.double(), v.double(), 5)
+    a, vv = to_ours(attn, v)
+    a = a.contiguous().requires_grad_()
+    vv = vv.contiguous().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        out = na2d_av(a, vv, 5, impl=impl)
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (from_ours(out).double() - expected).abs().max() < tol
+    out.float().sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
+    assert vv.grad is not None and vv.grad.dtype == torch.float32
+
+
+def test_saved_for_backward_is_lean():
+    """The fast path must not keep a [B, G, D, k*k, H, W] neighbourhood alive for backward."""
+    k, B, G, D, H, W = 7, 1, 2, 8, 16, 16
+    attn, v = make(B, G, D, H, W, k, dtype=torch.float32)
+    a, vv = to_ours(attn, v)
+    a = a.contiguous().requires_grad_()
+    vv = vv.contiguous().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    for impl, lean in (('auto', True), ('reference', False)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            na2d_av(a, vv, k, impl=impl)
+        budget = a.numel() + vv.numel()
+        if lean:
+            assert sum(saved) <= budget, (impl, saved)
+        else:  # the reference formulation really is the memory hog this guards against
+            assert max(saved) >= B * G * D * k * k * H * W
+
+
+def test_bad_inputs():
+    attn, v = make(1, 2, 3, 7, 7, 3)
+    a, vv = to_ours(attn, v)
+    with pytest.raises(ValueError, match='taps'):
+        na2d_av(a, vv, 5)
+    with pytest.raises(ValueError, match='odd'):
+        na2d_av(a, vv, 4)
+    with pytest.raises(ValueError, match='smaller than kernel_size'):
+        a9, v9 = to_ours(*make(1, 2, 3, 7, 7, 9))
+        na2d_av(a9, v9, 9)
+    with pytest.raises(ValueError, match='disagree'):
+        na2d_av(a, vv[:, :1], 3)
+    with pytest.raises(ValueError, match="unknown na2d_av impl 'cuda_magic'"):
+        na2d_av(a, vv, 3, impl='cuda_magic')
