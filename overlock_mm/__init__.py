@@ -6,6 +6,12 @@ all fall back to: use ``custom_imports = dict(imports=['overlock_mm'], allow_fai
 """
 __version__ = '0.1.0'
 
+from .utils.safe_load import register_safe_globals  # noqa: E402
+
+# mmengine checkpoints (resume) need their few non-tensor types allow-listed for
+# torch.load(weights_only=True), the default since torch 2.6. See utils/safe_load.py.
+register_safe_globals()
+
 from .backbones import OverLoCK  # noqa: E402
 from .heads import *  # noqa: E402,F401,F403
 from .ops import na2d_av  # noqa: E402
