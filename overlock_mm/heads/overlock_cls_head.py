@@ -5,7 +5,8 @@ Layout (released ``head.*`` / ``aux_head.*`` keys, ARCHITECTURE.md "Whole networ
 ``aux_head`` = [0 BN(C3), 1 global AvgPool, 2 Conv1x1 C3 -> K] on the Overview-Net output,
 trained with ``CE(main) + 0.4 * CE(aux)`` and unused at inference.
 In an mmpretrain ``ImageClassifier`` these become ``head.head.*`` / ``head.aux_head.*``; the
-released checkpoints are mapped by :func:`overlock_mm.utils.convert.released_cls_to_mmpretrain`.
+released checkpoints are mapped by :func:`overlock_mm.utils.convert.released_cls_to_mmpretrain`
+(at load time by :class:`overlock_mm.classifiers.OverLoCKClassifier`).
 """
 from typing import List, Optional, Sequence, Tuple
 
