@@ -18,3 +18,14 @@ test: setup
 
 flops: setup
 	$(PY) tools/analysis/get_flops.py
+
+DATA ?= data/demo
+
+demo: setup
+	$(PY) tools/demo/run_demo.py det --data-root $(DATA)
+
+demo-seg: setup
+	$(PY) tools/demo/run_demo.py seg --data-root $(DATA)
+
+demo-cls: setup
+	$(PY) tools/demo/run_demo.py cls --data-root $(DATA)

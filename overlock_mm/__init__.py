@@ -6,6 +6,29 @@ all fall back to: use ``custom_imports = dict(imports=['overlock_mm'], allow_fai
 """
 __version__ = '0.1.0'
 
+
+def _check_environment() -> None:
+    """torch and mmcv are not pip requirements (see setup.cfg): say what to do if missing."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ImportError('overlock_mm needs PyTorch: install your build first (CPU: '
+                          'bash tools/setup_env.sh; GPU: see README.md "Install on a GPU '
+                          'cluster").') from None
+    try:
+        import mmcv
+    except ImportError:
+        raise ImportError('overlock_mm needs mmcv 2.x (2.0.0 <= version < 2.2.0, for mmdet 3.3): '
+                          'mim install "mmcv==2.1.0" (GPU) or bash tools/setup_env.sh '
+                          '(CPU, builds it).') from None
+    from mmengine.utils import digit_version
+    if not digit_version('2.0.0') <= digit_version(mmcv.__version__) < digit_version('2.2.0'):
+        raise ImportError(f'overlock_mm needs 2.0.0 <= mmcv < 2.2.0 (mmdet 3.3 refuses 2.2+); '
+                          f'found mmcv {mmcv.__version__}.')
+
+
+_check_environment()
+
 from .utils.safe_load import register_safe_globals  # noqa: E402
 
 # mmengine checkpoints (resume) need their few non-tensor types allow-listed for

@@ -11,7 +11,7 @@ sync_bn = 'torch'
 
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(_delete_=True, type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=0.05),
     # No weight decay on norms, biases, layer scales, GRN and relative position biases.
     paramwise_cfg=dict(norm_decay_mult=0., bias_decay_mult=0., flat_decay_mult=0.,
                        custom_keys={'.rpb1': dict(decay_mult=0.), '.rpb2': dict(decay_mult=0.)}))

@@ -43,7 +43,10 @@ param_scheduler = [
 train_cfg = dict(by_epoch=True, max_epochs=300, val_interval=1)
 
 # EMA decay 0.9999 (mmengine's momentum is 1 - decay).
-custom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+# ReleasedCheckpointHook: `load_from=<released overlock_*_in1k_224(_reparam).pth>` (a bare state dict)
+# is wrapped into an mmengine checkpoint before EMAHook and the model see it.
+custom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),
+                dict(type='ReleasedCheckpointHook')]
 # BatchNorm becomes SyncBatchNorm under distributed training.
 sync_bn = 'torch'
 auto_scale_lr = dict(enable=False, base_batch_size=2048)

@@ -1,0 +1,72 @@
+"""FLOP counting for OverLoCK with mmengine's analysis (fvcore-style jit tracing).
+
+mmengine counts convolutions, matmuls and einsums out of the box but not our ContMix
+aggregation (a custom autograd function, traced as ``prim::PythonOp``). The handles below count
+multiply-accumulates (MACs, what OpenMMLab tables call FLOPs):
+
+* aggregation ``na2d_av``: ``B * G * D * H * W * k^2`` per call (every output channel of every
+  pixel sums k^2 products);
+* the query-key affinity (an einsum): the product of all distinct index sizes;
+* matmuls with broadcasting batch dims (the ``weight_proj`` 1x1 conv runs as a matmul; mmengine's
+  default matmul handle ignores broadcast batch dims).
+"""
+from collections import Counter
+from typing import Dict
+
+import numpy as np
+import torch
+from mmengine.analysis import FlopAnalyzer
+from mmengine.analysis.jit_handles import get_shape
+
+#: operator name in the trace -> breakdown category
+CATEGORIES = {
+    '_convolution': 'convolutions',
+    'matmul': 'convolutions',  # ContMix weight_proj (a 1x1 conv in the release) as a matmul
+    'einsum': 'affinity',
+    'PythonOp._NeighborhoodAV': 'aggregation',
+}
+REFERENCE_CATEGORIES = ('convolutions', 'aggregation', 'affinity')
+
+
+def _aggregation_handle(inputs, outputs):
+    attn = get_shape(inputs[0])  # [B, G, k*k, H, W]
+    value = get_shape(inputs[1])  # [B, G, D, H, W]
+    return int(np.prod(value)) * attn[2]
+
+
+def _einsum_handle(inputs, outputs):
+    equation = inputs[0].toIValue().replace(' ', '')
+    operands = inputs[1].node().inputs()
+    shapes = [get_shape(v) for v in operands]
+    lhs = equation.split('->')[0].split(',')
+    sizes = {}
+    for letters, shape in zip(lhs, shapes):
+        sizes.update(zip(letters, shape))
+    return int(np.prod(list(sizes.values())))
+
+
+def _matmul_handle(inputs, outputs):
+    a, b = (get_shape(v) for v in inputs[:2])
+    out = get_shape(outputs[0])
+    return int(np.prod(out)) * a[-1]
+
+
+HANDLES = {
+    'prim::PythonOp._NeighborhoodAV': _aggregation_handle,
+    'aten::einsum': _einsum_handle,
+    'aten::matmul': _matmul_handle,
+}
+
+
+def flop_breakdown(model: torch.nn.Module, inputs) -> Dict[str, int]:
+    """MACs per category (``convolutions``, ``aggregation``, ``affinity``, ``other``)."""
+    analyzer = FlopAnalyzer(model, inputs).set_op_handle(**HANDLES)
+    analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    unsupported = [k for k in analyzer.unsupported_ops() if k.startswith('prim::PythonOp')]
+    if unsupported:
+        raise RuntimeError(f'uncounted custom ops in the trace: {unsupported}; add a handle.')
+    counts = Counter()
+    for op, n in analyzer.by_operator().items():
+        counts[CATEGORIES.get(op, 'other')] += n
+    counts['total'] = sum(counts[c] for c in REFERENCE_CATEGORIES)
+    return dict(counts)

@@ -1,0 +1,91 @@
+"""An interrupted run resumes (tools/train.py --resume) on torch >= 2.6, whose torch.load
+defaults to weights_only=True; mmengine's checkpoints load thanks to overlock_mm's allow-list."""
+import importlib.util
+import pickle
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
+from generate_data import generate  # noqa: E402
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location('olk_train', ROOT / 'tools' / 'train.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(train, tmp_path, iters, resume=None):
+    from mmengine.runner import Runner
+    opts = {
+        'train_dataloader.dataset.data_root': f'{tmp_path}/data/cls/',
+        'val_dataloader.dataset.data_root': f'{tmp_path}/data/cls/',
+        'train_dataloader.batch_size': 2,
+        'train_cfg.max_iters': iters, 'train_cfg.val_interval': 1000,
+        'param_scheduler': [dict(type='ConstantLR', factor=1.0, by_epoch=False)],
+        'default_hooks.checkpoint.interval': 2,
+        'default_hooks.checkpoint.max_keep_ckpts': 3,
+    }
+    args = Namespace(config=str(ROOT / 'configs/demo/overlock-xt_demo.py'),
+                     work_dir=str(tmp_path / 'work'), resume=resume, amp=False,
+                     auto_scale_lr=False, cfg_options=opts, launcher='none')
+    runner = Runner.from_cfg(train.build_cfg(args))
+    runner.train()
+    return runner
+
+
+def adam_steps(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {int(s['step']) for s in ckpt['optimizer']['state'].values()}
+
+
+def test_interrupted_run_resumes(tmp_path):
+    generate(tmp_path / 'data', tasks=('cls',), num_train=6, num_val=3, size=96)
+    train = load_train_module()
+    run(train, tmp_path, iters=2)  # the "interrupted" run: its last checkpoint is iter_2.pth
+    work = tmp_path / 'work'
+    assert (work / 'iter_2.pth').exists() and adam_steps(work / 'iter_2.pth') == {2}
+
+    runner = run(train, tmp_path, iters=4, resume='auto')
+    assert runner.iter == 4
+    # Resumed, not restarted: the optimiser state continued from step 2.
+    assert adam_steps(work / 'iter_4.pth') == {4}
+
+
+def test_allow_list_is_what_makes_resume_work(tmp_path):
+    """Without the allow-list the same checkpoint is refused by weights_only loading."""
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    from overlock_mm.utils import safe_load
+    hub = MessageHub.get_instance('resume-test')
+    hub.update_scalar('train/loss', 1.0)
+    path = tmp_path / 'ckpt.pth'
+    save_checkpoint({'state_dict': {'w': torch.zeros(1)}, 'message_hub': hub.state_dict(),
+                     'meta': {'seed': 0}}, str(path))
+    torch.serialization.clear_safe_globals()
+    try:
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path, weights_only=True)
+    finally:
+        safe_load._REGISTERED = False
+        safe_load.register_safe_globals()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['message_hub']['log_scalars']['train/loss'].current() == 1.0
+
+
+def test_restricted_getattr_refuses_other_attributes():
+    from mmengine.logging import HistoryBuffer
+
+    from overlock_mm.utils.safe_load import _restricted_getattr
+    assert _restricted_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
+    with pytest.raises(RuntimeError, match='only HistoryBuffer statistics'):
+        _restricted_getattr(HistoryBuffer, '__init__')
+    with pytest.raises(RuntimeError):
+        _restricted_getattr(torch, 'load')
