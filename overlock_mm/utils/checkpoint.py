@@ -28,8 +28,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason and the fix in the message."""
 
 
+def _unsafe_globals(filename) -> list:
+    """The globals a file would need beyond the allow-list (found without unpickling them)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(filename)
+    except Exception:  # pragma: no cover - legacy (non-zip) files, older torch
+        return []
+
+
 def read_checkpoint(filename: str, map_location='cpu') -> dict:
-    """Load a local file or URL with ``weights_only=True``."""
+    """Load a local file or URL with ``torch.load(weights_only=True)``.
+
+    Only tensors, plain containers/scalars/strings and the allow-listed mmengine/numpy types
+    (:mod:`overlock_mm.utils.safe_load`) are accepted; nothing in the file is ever executed.
+
+    Raises:
+        CheckpointError: missing, unreadable, or carrying pickled code/objects (refused).
+    """
+    from .safe_load import register_safe_globals
+    register_safe_globals()
     try:
         if re.match(r'^(https?|s3)://', str(filename)):
             return torch.hub.load_state_dict_from_url(filename, map_location=map_location,
@@ -39,11 +56,20 @@ def read_checkpoint(filename: str, map_location='cpu') -> dict:
         raise CheckpointError(f'checkpoint {filename!r} does not exist; check the path '
                               '(or download the released weights first).') from None
     except pickle.UnpicklingError as e:
+        found = re.findall(r'GLOBAL (\S+) was not an allowed global', str(e))
+        if not found and not re.match(r'^(https?|s3)://', str(filename)):
+            found = _unsafe_globals(filename)
+        what = f' ({", ".join(found)})' if found else ''
+        m = re.search(r'(Unsupported global: GLOBAL \S+ was not an allowed global by default|'
+                      r'checkpoint asks for getattr\(.*?\);[^.]*|WeightsUnpickler error: [^.]*)',
+                      str(e))
+        reason = m.group(1) if m else str(e).splitlines()[0]
         raise CheckpointError(
-            f'refusing to load {filename!r}: it contains pickled objects that are not plain '
-            f'tensors/containers, and loading them could execute code ({str(e).splitlines()[0]}). '
-            'If you trust the file, convert it once in a separate, trusted session with '
-            'torch.load(weights_only=False) and save only its state_dict.') from None
+            f'refusing to load {filename!r}: it contains pickled objects{what} that are not '
+            'tensors or plain data, and unpickling them could execute code. Only '
+            'weights_only=True loading is used (tensors, containers, numbers, strings and '
+            f'mmengine\'s own checkpoint types). Unpickler: {reason}. If you trust the '
+            'file, re-save only its state_dict in a separate, trusted session.') from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f'cannot read checkpoint {filename!r}: {e}. The file is corrupt, '
                               'truncated or not a PyTorch checkpoint; download it again.') from None
@@ -169,3 +195,114 @@ def load_backbone_weights(model: nn.Module, filename: str, prefix: Optional[str]
             logger.info(f'OverLoCK: newly initialised (dense-layout modules absent from the '
                         f'checkpoint): {", ".join(groups)}.')
     return unused, fresh
+
+
+# ------------------------------------------------------------------------- re-parameterisation
+#: entries of an mmengine / timm checkpoint that describe training state; a deploy checkpoint
+#: cannot resume training, so they are dropped.
+TRAINING_STATE_KEYS = ('optimizer', 'optim_wrapper', 'param_schedulers', 'message_hub',
+                       'ema_state_dict', 'state_dict_ema', 'scaler', 'amp', 'lr_scheduler')
+
+
+def reparameterize_checkpoint(ckpt) -> Tuple[dict, int]:
+    """The deploy form of any OverLoCK checkpoint (classifier, detector, segmentor; released or
+    ours): every DilatedReparamBlock fused into one ``lk_origin`` conv with bias.
+
+    The container is kept: a bare state dict stays bare (the released ``*_reparam.pth`` form), a
+    ``{'meta', 'state_dict', ...}`` checkpoint keeps its ``meta`` (``meta['deploy'] = True``) and
+    loses its training state (:data:`TRAINING_STATE_KEYS`).
+
+    Returns:
+        (new checkpoint, number of fused blocks)
+    """
+    sd = extract_state_dict(ckpt)
+    if is_reparameterized(sd):
+        raise CheckpointError('the checkpoint is already re-parameterised (deploy form).')
+    n_blocks = sum(1 for k in sd if k.endswith('.origin_bn.weight'))
+    if not n_blocks:
+        raise CheckpointError('no DilatedReparamBlock (*.origin_bn.*, *.dil_conv_k*) found: '
+                              'not a training-form OverLoCK checkpoint.')
+    fused = reparameterize_state_dict(sd)
+    wrapped = isinstance(ckpt, dict) and any(
+        isinstance(ckpt.get(k), dict) for k in ('state_dict', 'model', 'module'))
+    if not wrapped:
+        return fused, n_blocks
+    out = {}
+    for k, v in ckpt.items():
+        if k in TRAINING_STATE_KEYS:
+            continue
+        if k in ('state_dict', 'model', 'module') and isinstance(v, dict):
+            out['state_dict'] = fused
+        elif k == 'meta' and isinstance(v, dict):
+            out['meta'] = dict(v, deploy=True)
+        else:
+            out[k] = v
+    out.setdefault('meta', {'deploy': True})
+    return out, n_blocks
+
+
+def fuse_training_weights_pre_hook(module: nn.Module, state_dict: dict, prefix: str,
+                                   *args) -> None:
+    """``load_state_dict`` pre-hook of a backbone: training-form weights (``origin_bn``,
+    ``dil_conv_k*``) arriving at a re-parameterised (``deploy``) model are fused in place, so any
+    checkpoint loads into a deploy model by any route (``load_from``, ``init_cfg``, EMA copies).
+    Re-parameterised weights arriving at a training-form model are refused."""
+    own = [k for k in state_dict if k.startswith(prefix)]
+    if not own:
+        return
+    sub = OrderedDict((k[len(prefix):], state_dict[k]) for k in own)
+    training_form = any(k.endswith('.origin_bn.weight') for k in sub)
+    if getattr(module, 'deploy', False):
+        if not training_form:
+            return
+        fused = reparameterize_state_dict(sub)
+        for k in own:
+            del state_dict[k]
+        state_dict.update((prefix + k, v) for k, v in fused.items())
+    elif is_reparameterized(sub):
+        raise CheckpointError(
+            'the checkpoint holds re-parameterised (deploy) OverLoCK weights but the model is in '
+            'training form; build the backbone with deploy=True (e.g. --cfg-options '
+            'model.backbone.deploy=True or a *_deploy.py config) to load it.')
+
+
+# ----------------------------------------------------------------- load_from=<released file>
+def normalize_loaded_checkpoint(checkpoint: dict) -> bool:
+    """Turn a bare released ImageNet state dict, as read by mmengine for ``load_from``, into an
+    mmengine checkpoint *in place* (``{'meta': ..., 'state_dict': <mmpretrain keys>}``).
+
+    mmengine hands the same dict to every hook's ``after_load_checkpoint`` and then to the model;
+    hooks such as ``EMAHook`` expect ``checkpoint['state_dict']``. Returns whether it changed.
+    """
+    from .convert import convert_released, is_released_cls_layout
+    if not isinstance(checkpoint, dict) or 'state_dict' in checkpoint:
+        return False
+    if not (checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+            and is_released_cls_layout(checkpoint)):
+        return False
+    new, _ = convert_released(dict(checkpoint), source='load_from')
+    checkpoint.clear()
+    checkpoint.update(new)
+    return True
+
+
+try:
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    @HOOKS.register_module()
+    class ReleasedCheckpointHook(Hook):
+        """Lets ``load_from=<released overlock_*_in1k_224.pth>`` work with every hook.
+
+        Runs first (priority ``VERY_HIGH``) in ``after_load_checkpoint`` and wraps the bare
+        released state dict into ``{'meta', 'state_dict'}`` with mmpretrain key names (see
+        :func:`normalize_loaded_checkpoint`); other checkpoints pass through untouched.
+        """
+        priority = 'VERY_HIGH'
+
+        def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+            if normalize_loaded_checkpoint(checkpoint):
+                runner.logger.info('OverLoCK: converted the released ImageNet layout '
+                                   '(head.*, aux_head.* -> head.head.*, head.aux_head.*).')
+except ImportError:  # pragma: no cover - mmengine is a hard dependency
+    pass

@@ -11,6 +11,8 @@ statistics methods as ``getattr(HistoryBuffer, 'mean')``; we register a *restric
 under that name that only resolves those methods and refuses everything else.
 Nothing is ever loaded with ``weights_only=False``.
 """
+import pickle
+
 import torch
 
 _REGISTERED = False
@@ -22,8 +24,10 @@ def _restricted_getattr(obj, name: str):
     allowed = set(_HISTORY_BUFFER_METHODS) | set(HistoryBuffer._statistics_methods)
     if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
-    raise RuntimeError(f'checkpoint asks for getattr({obj!r}, {name!r}); only HistoryBuffer '
-                       'statistics methods are allowed when loading with weights_only=True.')
+    # An UnpicklingError, so torch.load reports it like any other refused global.
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({obj!r}, {name!r}); only HistoryBuffer statistics methods '
+        'are allowed when loading with weights_only=True.')
 
 
 def register_safe_globals() -> None:
