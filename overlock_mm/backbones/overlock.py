@@ -27,7 +27,7 @@ from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerSc
 from ..layers.conv import conv_bn
 from ..layers.norm import GRN
 from ..registry import MODELS
-from ..utils.checkpoint import load_backbone_weights
+from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
 
 LAYOUTS = ('cls', 'seg', 'det')
 ARCH_FIELDS = ('depths', 'sub_depths', 'embed_dims', 'kernel_sizes', 'num_heads', 'mlp_ratio',
@@ -196,6 +196,8 @@ class OverLoCK(BaseModule):
                 norms.append(LayerNorm2d(dims[3]))
             self.extra_norm = nn.ModuleList(norms)
         self._freeze_stages()
+        # A deploy model fuses training-form weights however they arrive (load_from, EMA...).
+        self.register_load_state_dict_pre_hook(fuse_training_weights_pre_hook)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
