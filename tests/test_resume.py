@@ -1,12 +1,11 @@
 """An interrupted run resumes (tools/train.py --resume) on torch >= 2.6, whose torch.load
-defaults to weights_only=True; mmengine's checkpoints load thanks to overlock_mm's allow-list."""
+defaults to weights_only=True; mmengine's checkpoints load thanks to overlock_mm's allow-list
+(unit-tested in tests/test_safe_load.py)."""
 import importlib.util
-import pickle
 import sys
 from argparse import Namespace
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,36 +55,3 @@ def test_interrupted_run_resumes(tmp_path):
     assert runner.iter == 4
     # Resumed, not restarted: the optimiser state continued from step 2.
     assert adam_steps(work / 'iter_4.pth') == {4}
-
-
-def test_allow_list_is_what_makes_resume_work(tmp_path):
-    """Without the allow-list the same checkpoint is refused by weights_only loading."""
-    from mmengine.logging import MessageHub
-    from mmengine.runner.checkpoint import save_checkpoint
-
-    from overlock_mm.utils import safe_load
-    hub = MessageHub.get_instance('resume-test')
-    hub.update_scalar('train/loss', 1.0)
-    path = tmp_path / 'ckpt.pth'
-    save_checkpoint({'state_dict': {'w': torch.zeros(1)}, 'message_hub': hub.state_dict(),
-                     'meta': {'seed': 0}}, str(path))
-    torch.serialization.clear_safe_globals()
-    try:
-        with pytest.raises(pickle.UnpicklingError):
-            torch.load(path, weights_only=True)
-    finally:
-        safe_load._REGISTERED = False
-        safe_load.register_safe_globals()
-    ckpt = torch.load(path, weights_only=True)
-    assert ckpt['message_hub']['log_scalars']['train/loss'].current() == 1.0
-
-
-def test_restricted_getattr_refuses_other_attributes():
-    from mmengine.logging import HistoryBuffer
-
-    from overlock_mm.utils.safe_load import _restricted_getattr
-    assert _restricted_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
-    with pytest.raises(RuntimeError, match='only HistoryBuffer statistics'):
-        _restricted_getattr(HistoryBuffer, '__init__')
-    with pytest.raises(RuntimeError):
-        _restricted_getattr(torch, 'load')
