@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WHEELS ?=
 SETUP_ARGS := $(if $(WHEELS),--find-links $(WHEELS),)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: setup test demo demo-seg demo-cls flops benchmark
 
