@@ -4,6 +4,8 @@ The reference below is written from the semantics in ARCHITECTURE.md with explic
 (one output pixel at a time), in NATTEN's own [B, G, H, W, taps] layout, so it shares no code or
 layout with the implementation under test.
 """
+from functools import lru_cache
+
 import pytest
 import torch
 
@@ -38,6 +40,9 @@ def from_ours(out):
 CASES = [
     (3, 3, 3), (3, 4, 5), (5, 5, 6), (5, 6, 5), (7, 7, 9), (7, 8, 7), (5, 11, 6), (13, 13, 14),
     (13, 14, 20), (1, 3, 4),
+    # wide rows: SIMD kernels vectorise along W (up to 16 fp32 lanes) and treat the r border
+    # columns separately, so rows much wider than 2r + lanes must be covered too
+    (3, 5, 41), (7, 9, 45), (13, 15, 61),
 ]
 
 
@@ -58,10 +63,11 @@ def test_forward_matches_brute_force(impl, k, H, W):
 
 
 @pytest.mark.parametrize('impl', IMPLS)
-def test_forward_float32_tolerance(impl):
-    attn, v = make(1, 2, 8, 15, 17, 7, dtype=torch.float32)
-    expected = brute_force_av(attn.double(), v.double(), 7)
-    out = from_ours(na2d_av(*to_ours(attn, v), 7, impl=impl))
+@pytest.mark.parametrize('k,H,W,D', [(7, 15, 17, 8), (13, 16, 70, 24)])
+def test_forward_float32_tolerance(impl, k, H, W, D):
+    attn, v = make(1, 2, D, H, W, k, dtype=torch.float32)
+    expected = brute_force_av(attn.double(), v.double(), k)
+    out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
     assert (out.double() - expected).abs().max() < 1e-5
 
 
@@ -78,19 +84,30 @@ def test_gradcheck_float64(impl, k, H, W):
                                     eps=1e-6, atol=1e-7, fast_mode=True)
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('k,H,W', [(3, 3, 5), (5, 6, 5), (7, 7, 10)])
-def test_gradients_match_brute_force(impl, k, H, W):
-    attn, v = make(2, 2, 5, H, W, k, seed=1)
-    g = torch.randn(2, 2, H, W, 5, dtype=torch.float64)
+GRAD_CASES = [(3, 3, 5, 5), (5, 6, 5, 5), (7, 7, 10, 5), (3, 4, 37, 3), (7, 8, 45, 20),
+              (13, 14, 36, 17)]
+
+
+@lru_cache(maxsize=None)
+def brute_force_grads(k, H, W, D):
+    """(inputs, upstream gradient, brute-force gradients), computed once per case."""
+    attn, v = make(2, 2, D, H, W, k, seed=1)
+    g = torch.randn(2, 2, H, W, D, dtype=torch.float64)
     a1, v1 = attn.clone().requires_grad_(), v.clone().requires_grad_()
     (brute_force_av(a1, v1, k) * g).sum().backward()
+    return attn, v, g, a1.grad, v1.grad
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('k,H,W,D', GRAD_CASES)
+def test_gradients_match_brute_force(impl, k, H, W, D):
+    attn, v, g, grad_attn, grad_v = brute_force_grads(k, H, W, D)
     a2, v2 = to_ours(attn, v)
     a2 = a2.contiguous().requires_grad_()
     v2 = v2.contiguous().requires_grad_()
     (from_ours(na2d_av(a2, v2, k, impl=impl)) * g).sum().backward()
-    torch.testing.assert_close(a2.grad.permute(0, 1, 3, 4, 2), a1.grad)
-    torch.testing.assert_close(v2.grad.permute(0, 1, 3, 4, 2), v1.grad)
+    torch.testing.assert_close(a2.grad.permute(0, 1, 3, 4, 2), grad_attn)
+    torch.testing.assert_close(v2.grad.permute(0, 1, 3, 4, 2), grad_v)
 
 
 @pytest.mark.parametrize('impl', IMPLS)

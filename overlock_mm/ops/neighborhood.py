@@ -238,3 +238,11 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
         raise ValueError(f"unknown na2d_av impl '{impl}'; valid: 'auto', "
                          f"{', '.join(repr(k) for k in available_impls())}.") from None
     return fn(attn, value, kernel_size)
+
+
+def _register_builtin() -> None:
+    from .na2d_cpu import na2d_av_cpu
+    register_impl('cpu', na2d_av_cpu, devices=('cpu',))
+
+
+_register_builtin()

@@ -1,0 +1,229 @@
+"""The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel (``csrc/na2d_cpu.cpp``).
+
+The kernel is plain C++17 without torch headers: it compiles in a few seconds with the system
+compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called through :mod:`ctypes`, which
+releases the GIL. The shared library is cached under ``$OVERLOCK_MM_CACHE`` (default
+``~/.cache/overlock_mm``), keyed by the source, the flags, the compiler version and the CPU's
+instruction-set flags, so a cache shared between different machines never serves a binary built
+for another CPU. Builds write to a temporary file and are renamed into place, so concurrent
+processes (pytest-xdist, several trainers) are safe.
+
+If no compiler is available or the build fails, the implementation warns once and runs
+``'native'`` instead; ``OVERLOCK_MM_NO_CPU_EXT=1`` disables the kernel on purpose.
+
+State kept for backward: ``attn`` and ``value`` only, like ``'native'``. Backward allocates its
+two outputs plus O(value)-sized padded copies of ``value`` / ``grad_out`` (no ``k*k``-fold
+neighbourhood tensor). float32 and float64 run natively; float16 / bfloat16 (autocast) are
+computed in float32 and the output is cast back.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
+_FLAG_SETS = (
+    ['-O3', '-march=native', '-mprefer-vector-width=512'],
+    ['-O3', '-march=native'],
+    ['-O3'],
+)
+_COMMON = ['-std=c++17', '-shared', '-fPIC', '-pthread']
+_lock = threading.Lock()
+_state = {'lib': None, 'tried': False, 'error': None}
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGS = {
+    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+    'grad_attn': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+    'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+}
+_SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get('OVERLOCK_MM_CACHE')
+    if root:
+        return Path(root)
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(base) / 'overlock_mm'
+
+
+def _cpu_flags() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_id(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, '--version'], capture_output=True, text=True,
+                              timeout=60).stdout.splitlines()[0]
+    except Exception:  # noqa: BLE001 - any failure just means "unknown compiler"
+        return cxx
+
+
+def _compile(cxx: str, flags, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + '.', suffix='.tmp.so', dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, *_COMMON, str(SOURCE), '-o', tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
+        os.replace(tmp, out)  # atomic: concurrent builders all end with a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build(verbose: bool = False) -> ctypes.CDLL:
+    """Compile (or fetch from the cache) and load the kernel library; raises on failure."""
+    cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+    if not cxx:
+        raise RuntimeError('no C++ compiler found (set CXX or install g++)')
+    source = SOURCE.read_bytes()
+    compiler = _compiler_id(cxx)
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b'\0'.join([source, ' '.join(flags + _COMMON).encode(),
+                                         compiler.encode(), _cpu_flags().encode(),
+                                         platform.machine().encode()])).hexdigest()[:20]
+        path = cache_dir() / f'na2d_cpu_{key}.so'
+        try:
+            if not path.exists():
+                if verbose:
+                    print(f'[overlock_mm] compiling {SOURCE.name} -> {path}')
+                _compile(cxx, flags, path)
+            lib = ctypes.CDLL(str(path))
+            for suffix in _SUFFIX.values():
+                for name, sig in _SIGS.items():
+                    fn = getattr(lib, f'na2d_{name}_{suffix}')
+                    fn.argtypes, fn.restype = sig, None
+                getattr(lib, f'na2d_lanes_{suffix}').restype = ctypes.c_int
+            return lib
+        except Exception as e:  # noqa: BLE001 - try the next, more portable flag set
+            errors.append(f'{" ".join(flags)}: {e}')
+    raise RuntimeError('could not build the na2d CPU kernel:\n' + '\n'.join(errors))
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The kernel library, or None (after one warning) when it cannot be built."""
+    if _state['tried']:
+        return _state['lib']
+    with _lock:
+        if not _state['tried']:
+            if os.environ.get('OVERLOCK_MM_NO_CPU_EXT', '0') not in ('', '0'):
+                _state['error'] = 'disabled by OVERLOCK_MM_NO_CPU_EXT'
+            else:
+                try:
+                    _state['lib'] = build()
+                except Exception as e:  # noqa: BLE001
+                    _state['error'] = str(e)
+                    warnings.warn(f"overlock_mm: the 'cpu' na2d kernel is unavailable, using "
+                                  f"'native' instead ({e})")
+            _state['tried'] = True
+    return _state['lib']
+
+
+def is_available() -> bool:
+    return load() is not None
+
+
+def _dims(value: torch.Tensor):
+    b, g, d, h, w = value.shape
+    return b * g, d, h, w
+
+
+def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+    """Raw forward on contiguous float32/float64 CPU tensors (no autograd)."""
+    lib = load()
+    suf = _SUFFIX[value.dtype]
+    lanes = getattr(lib, f'na2d_lanes_{suf}')()
+    bg, d, h, w = _dims(value)
+    out = torch.empty_like(value)
+    dp = -(-d // lanes) * lanes
+    # Channels-last copy of value for the per-pixel (border) path, channels padded to vectors.
+    vt = F.pad(value.permute(0, 1, 3, 4, 2), (0, dp - d)).contiguous()
+    getattr(lib, f'na2d_forward_{suf}')(attn.data_ptr(), value.data_ptr(), vt.data_ptr(),
+                                       out.data_ptr(), bg, d, h, w, k, dp,
+                                       torch.get_num_threads())
+    return out
+
+
+def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+    lib = load()
+    suf = _SUFFIX[value.dtype]
+    lanes = getattr(lib, f'na2d_lanes_{suf}')()
+    b, g, d, h, w = value.shape
+    gattn = value.new_empty((b, g, k * k, h, w))
+    vp = F.pad(value, (0, lanes)).contiguous()  # rows padded for whole-vector tap loads
+    getattr(lib, f'na2d_grad_attn_{suf}')(grad_out.data_ptr(), value.data_ptr(), vp.data_ptr(),
+                                         gattn.data_ptr(), b * g, d, h, w, k, w + lanes,
+                                         torch.get_num_threads())
+    return gattn
+
+
+def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tensor:
+    lib = load()
+    suf = _SUFFIX[grad_out.dtype]
+    lanes = getattr(lib, f'na2d_lanes_{suf}')()
+    b, g, d, h, w = grad_out.shape
+    r = k // 2
+    wg = w + lanes + 2 * r
+    # grad_out of the interior columns, stored at column j + r, zero elsewhere.
+    gpad = grad_out.new_zeros((b, g, d, h, wg))
+    gpad[..., 2 * r:w] = grad_out[..., r:w - r]
+    gvalue = torch.empty_like(grad_out)
+    getattr(lib, f'na2d_grad_value_{suf}')(attn.data_ptr(), grad_out.data_ptr(), gpad.data_ptr(),
+                                          gvalue.data_ptr(), b * g, d, h, w, k, wg,
+                                          torch.get_num_threads())
+    return gvalue
+
+
+class _CpuNeighborhoodAV(torch.autograd.Function):
+    """Saves ``attn`` and ``value`` only; both gradients come from the C++ kernel."""
+
+    @staticmethod
+    def forward(ctx, attn, value, kernel_size):
+        ctx.save_for_backward(attn, value)
+        ctx.kernel_size = kernel_size
+        return forward(attn, value, kernel_size)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        attn, value = ctx.saved_tensors
+        k = ctx.kernel_size
+        grad_out = grad_out.to(value.dtype).contiguous()
+        ga = grad_attn(grad_out, value, k) if ctx.needs_input_grad[0] else None
+        gv = grad_value(grad_out, attn, k) if ctx.needs_input_grad[1] else None
+        return ga, gv, None
+
+
+def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``na2d_av`` through the C++ kernel (falls back to ``'native'`` where it cannot run)."""
+    from .neighborhood import _compute_dtype, _na2d_av_native
+    if value.device.type != 'cpu' or attn.device.type != 'cpu' or load() is None:
+        return _na2d_av_native(attn, value, kernel_size)
+    dtype = _compute_dtype(attn, value)
+    work = dtype if dtype in _SUFFIX else torch.float32
+    a, v = attn.to(work).contiguous(), value.to(work).contiguous()
+    with torch.autocast('cpu', enabled=False):
+        out = _CpuNeighborhoodAV.apply(a, v, kernel_size)
+    return out.to(dtype)
