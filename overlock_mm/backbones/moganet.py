@@ -40,7 +40,8 @@ RELEASED_IN1K = {
 
 
 class StemConv(nn.Module):
-    """``patch_embed1``: conv 3x3/2 (C/2), BN, GELU, conv 3x3/2 (C), BN (``projection.{0,1,3,4}``)."""
+    """``patch_embed1``: conv 3x3/2 (C/2), BN, GELU, conv 3x3/2 (C), BN
+    (``projection.{0,1,3,4}``)."""
 
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
@@ -145,7 +146,8 @@ class MogaNet(BaseModule):
         cur = 0
         # Module creation order = the released state-dict order: patch_embed{i}, blocks{i}, norm{i}.
         for i in range(self.num_stages):
-            embed = StemConv(in_channels, dims[0]) if i == 0 else ConvDownsample(dims[i - 1], dims[i])
+            embed = StemConv(in_channels, dims[0]) if i == 0 else \
+                ConvDownsample(dims[i - 1], dims[i])
             blocks = nn.ModuleList(
                 MogaBlock(dims[i], self.arch['ffn_ratios'][i], drop=drop_rate,
                           drop_path=rates[cur + j], init_value=init_value,
@@ -165,7 +167,8 @@ class MogaNet(BaseModule):
             if key not in cls.arch_settings:
                 valid = sorted(cls.arch_settings) + sorted(cls.arch_aliases)
                 raise ValueError(f"MogaNet: unknown arch '{arch}'; valid names: "
-                                 f"{', '.join(valid)}, or a dict with keys {', '.join(ARCH_FIELDS)}.")
+                                 f"{', '.join(valid)}, or a dict with keys "
+                                 f"{', '.join(ARCH_FIELDS)}.")
             arch = cls.arch_settings[key]
         elif not isinstance(arch, dict):
             raise TypeError(f'MogaNet: arch must be a str or dict, got {type(arch).__name__}.')

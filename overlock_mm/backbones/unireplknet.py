@@ -47,7 +47,8 @@ ARCH_OPTIONAL = ('kernel_sizes',)
 #: ImageNet-1K weights released by the authors (Hugging Face DingXiaoH/UniRepLKNet; file names
 #: from their model zoo). Classification layout, training form.
 RELEASED_IN1K = {
-    arch: f'https://huggingface.co/DingXiaoH/UniRepLKNet/resolve/main/unireplknet_{arch}_in1k_224_acc{acc}.pth'
+    arch: 'https://huggingface.co/DingXiaoH/UniRepLKNet/resolve/main/'
+          f'unireplknet_{arch}_in1k_224_acc{acc}.pth'
     for arch, acc in (('a', '77.03'), ('f', '78.58'), ('p', '80.23'), ('n', '81.64'),
                       ('t', '83.21'), ('s', '83.91'))
 }
@@ -192,7 +193,8 @@ class UniRepLKNet(BaseModule):
             if key not in cls.arch_settings:
                 valid = sorted(cls.arch_settings) + sorted(cls.arch_aliases)
                 raise ValueError(f"UniRepLKNet: unknown arch '{arch}'; valid names: "
-                                 f"{', '.join(valid)}, or a dict with keys {', '.join(ARCH_FIELDS)} "
+                                 f"{', '.join(valid)}, or a dict with keys "
+                                 f"{', '.join(ARCH_FIELDS)} "
                                  f"(and optionally {', '.join(ARCH_OPTIONAL)}).")
             arch = cls.arch_settings[key]
         elif not isinstance(arch, dict):
