@@ -1,6 +1,7 @@
 # overlock-mm developer commands. Every target sets the environment up first (idempotent).
 #   make test                 set up .venv and run the test suite
 #   make demo                 set up, generate the synthetic COCO set, train + evaluate Cascade Mask R-CNN on CPU
+#   make benchmark            ContMix op and backbone speed / memory (BENCH_ARGS="--ops --quick" ...)
 #   WHEELS=dir make ...       use prebuilt wheels from dir as a cache (e.g. mmcv with ops)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,6 +19,13 @@ test: setup
 
 flops: setup
 	$(PY) tools/analysis/get_flops.py
+
+# ContMix op + backbone speed/memory vs the F.unfold formulation (docs/performance.md);
+# e.g. make benchmark BENCH_ARGS="--ops --quick" or BENCH_ARGS="--full --json bench.json"
+BENCH_ARGS ?=
+
+benchmark: setup
+	$(PY) tools/analysis/benchmark.py $(BENCH_ARGS)
 
 DATA ?= data/demo
 

@@ -1,0 +1,733 @@
+"""Speed and memory of the ContMix aggregation and of whole OverLoCK backbones.
+
+A benchmark harness, not a test: everything is measured side by side in one run on one device
+(CUDA when present, otherwise CPU), printed as tables and optionally written as JSON.
+
+Op level (``--ops``): ``overlock_mm.ops.na2d_av`` (``attn [B, G, k*k, H, W]``,
+``value [B, G, D, H, W]``) for every implementation in ``available_impls()``, at the stage-3 /
+stage-4 maps (stride 16 / 32) the variants see for 224x224 classification, 1344x800 detection
+and 2048x512 segmentation inputs, with the group count ``G = 2 * num_heads``, the channels per
+group ``D = dim / (2G)`` and the kernel sizes (small ``smk_size``, large ``kernel_sizes[stage]``)
+read from ``OverLoCK.arch_settings`` / ``DynamicConvBlock``. Every case is compared with
+
+* a depthwise ``conv2d`` with the same ``k``, ``G * D`` channels and map (same arithmetic,
+  vendor-tuned), and
+* the memory roofline: the bytes that must move (forward: attn + value read, out written;
+  backward: grad_out + attn + value read, grad_attn + grad_value written) over the copy
+  bandwidth measured in the same run (``dst.copy_(src)`` of a 256 MB tensor into a preallocated,
+  warmed buffer; read + write bytes counted).
+
+Model level (``--models``): inference and training-step throughput and peak memory of the
+backbones at classification (224), detection (1344x800, batch 1) and segmentation (512x512)
+sizes, with our fast op (``contmix_impl='auto'``) against the ``F.unfold`` formulation
+(``contmix_impl='reference'``), re-parameterised (``switch_to_deploy()``) or not (inference),
+with and without ``with_cp=True`` (training). A training step is forward, ``sum(mean(out))``,
+backward and an SGD step (no momentum: no optimizer state).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the allocation before the
+measured call. On CPU the peak resident set size of this process above the level before the
+call: the high-water mark ``VmHWM`` of ``/proc/self/status`` is reset (``/proc/self/clear_refs``
+= 5) before each measurement and the script re-executes itself with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536``, so every freed tensor is returned to the OS and the baseline is
+honest; a calibration allocation at start-up checks the meter. Inputs (and, for models, the
+parameters) exist before the baseline is taken, so the figure is the working memory of the call.
+
+Usage::
+
+    python tools/analysis/benchmark.py                  # default: ~10 min on a 2-core CPU
+    python tools/analysis/benchmark.py --ops --quick    # op level only, fewer repeats (~1 min)
+    python tools/analysis/benchmark.py --models --variants t --tasks det --json out.json
+    python tools/analysis/benchmark.py --models --modes train --cp-stages 1000 1100
+    python tools/analysis/benchmark.py --full --json bench.json   # everything (hours on CPU)
+    make benchmark BENCH_ARGS="--threads 1 --json bench.json"
+
+The default run is: op level for OverLoCK-T at all three task sizes (both ContMix kernels, all
+implementations), and model level OverLoCK-T detection (1344x800, batch 1) inference
+(reference, ours, ours re-parameterised) and training steps (reference, ours, ours +
+``with_cp=True``), which the targets need. ``--full`` runs every variant (xt, t, s, b), task
+(cls, det, seg) and combination (reference re-parameterised and checkpointed too); on a CPU it
+takes hours and the larger variants' reference training steps need > 20 GB of memory at
+detection size. On a machine shared with other jobs, ``--threads 1`` avoids the oversubscription
+stalls of two processes each spinning two threads on two cores.
+"""
+import os
+import sys
+
+_MMAP_ENV = 'MALLOC_MMAP_THRESHOLD_'
+
+
+def _reexec_with_malloc_env() -> None:
+    """Restart the interpreter with glibc returning freed blocks >= 64 KiB to the OS.
+
+    Must run before torch is imported; a no-op off Linux or when the variable is already set.
+    """
+    if (sys.platform.startswith('linux') and _MMAP_ENV not in os.environ
+            and '--no-reexec' not in sys.argv):
+        os.environ[_MMAP_ENV] = str(1 << 16)
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+if __name__ == '__main__':
+    _reexec_with_malloc_env()
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+#: input size (H, W) per task for the op-level maps.
+OP_INPUTS: Dict[str, Tuple[int, int]] = {'cls': (224, 224), 'det': (800, 1344), 'seg': (512, 2048)}
+#: input size (H, W) per task for the model level (segmentation trains on 512x512 crops).
+MODEL_INPUTS: Dict[str, Tuple[int, int]] = {'cls': (224, 224), 'det': (800, 1344),
+                                            'seg': (512, 512)}
+#: OverLoCK layout per task.
+LAYOUT = {'cls': 'cls', 'det': 'det', 'seg': 'seg'}
+#: the targets of project issue 5: (key, description, threshold, direction).
+TARGETS = (
+    ('op_fwd_speedup', 'op forward at detection sizes vs F.unfold reference', 20.0, '>='),
+    ('op_fwdbwd_speedup', 'op forward+backward at detection sizes vs reference', 5.0, '>='),
+    ('op_mem_ratio', 'op fwd+bwd peak memory / reference (detection sizes)', 0.25, '<='),
+    ('op_roofline', 'op forward, fraction of the memory roofline (detection sizes)', 0.5, '>='),
+    ('train_time_ratio', 'OverLoCK-T train step 1344x800 b1: time ours / reference', 0.5, '<='),
+    ('train_mem_ratio', 'OverLoCK-T train step 1344x800 b1: peak memory ours / reference', 0.5,
+     '<='),
+    ('train_time_ratio_cp', 'same, ours with with_cp=True: time / reference', 0.5, '<='),
+    ('train_mem_ratio_cp', 'same, ours with with_cp=True: peak memory / reference', 0.5, '<='),
+)
+
+
+# ----------------------------------------------------------------------------- measurement
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (a no-op on CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_kb(key: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """Context manager measuring peak memory above the level at entry, in bytes.
+
+    Args:
+        device: CUDA uses the caching allocator's statistics; CPU the process' resident set
+            (``VmHWM`` reset through ``/proc/self/clear_refs``).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+        self.peak: Optional[int] = None
+
+    @staticmethod
+    def method(device: torch.device) -> str:
+        """A one-line description of how peak memory is measured on ``device``."""
+        if device.type == 'cuda':
+            return 'torch.cuda.max_memory_allocated() - memory_allocated() before the call'
+        if PeakMemory.cpu_supported():
+            return ('peak RSS: /proc/self/status VmHWM (reset via /proc/self/clear_refs=5) - '
+                    f'VmRSS before the call; {_MMAP_ENV}={os.environ.get(_MMAP_ENV, "unset")}')
+        return 'unavailable (no /proc/self/clear_refs)'
+
+    @staticmethod
+    def cpu_supported() -> bool:
+        """Whether the VmHWM reset works on this kernel."""
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            _proc_status_kb('VmHWM')
+            return True
+        except OSError:
+            return False
+
+    def __enter__(self) -> 'PeakMemory':
+        gc.collect()
+        if self.device.type == 'cuda':
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.cpu_supported():
+            self.base = _proc_status_kb('VmRSS') * 1024
+        else:
+            self.base = -1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == 'cuda':
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base >= 0:
+            self.peak = _proc_status_kb('VmHWM') * 1024 - self.base
+
+
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int,
+            min_time: float = 0., max_repeat: int = 200) -> List[float]:
+    """Wall-clock times in seconds of ``fn`` after ``warmup`` untimed calls.
+
+    At least ``repeat`` calls are timed, more (up to ``max_repeat``) while their total is below
+    ``min_time`` seconds, so that millisecond-scale medians are not at the mercy of a few
+    descheduled calls on a shared machine.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    while len(times) < repeat or (sum(times) < min_time and len(times) < max_repeat):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int,
+            min_time: float = 0.) -> Tuple[float, List[float], Optional[int]]:
+    """Median time, all times and peak memory (over the warm-up and timed calls) of ``fn``."""
+    with PeakMemory(device) as mem:
+        times = time_it(fn, device, warmup, repeat, min_time)
+    return statistics.median(times), times, mem.peak
+
+
+def copy_bandwidth(device: torch.device, mbytes: int = 256, repeat: int = 10) -> float:
+    """Copy bandwidth in bytes/s: ``dst.copy_(src)`` of ``mbytes`` MB, read + write counted."""
+    n = mbytes * (1 << 20) // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    t = statistics.median(time_it(lambda: dst.copy_(src), device, warmup=3, repeat=repeat))
+    return 2 * src.numel() * src.element_size() / t
+
+
+def calibrate_memory_meter(device: torch.device) -> Optional[float]:
+    """Measured / true size of a 200 MB allocation (1.0 means the meter is exact)."""
+    size = 200 * (1 << 20)
+
+    def alloc():
+        x = torch.ones(size // 4, device=device)
+        del x
+
+    with PeakMemory(device) as mem:
+        alloc()
+    return None if mem.peak is None else mem.peak / size
+
+
+def _loadavg() -> Optional[Tuple[float, float, float]]:
+    """1/5/15-minute load averages (other processes sharing the machine show up here)."""
+    return os.getloadavg() if hasattr(os, 'getloadavg') else None
+
+
+# ----------------------------------------------------------------------------- op level
+@dataclass
+class OpCase:
+    """One ``na2d_av`` call of a real model: variant, task, stage and which ContMix kernel."""
+
+    variant: str
+    task: str
+    stage: int  # 3 (stride 16) or 4 (stride 32)
+    kernel: str  # 'large' or 'small'
+    k: int
+    batch: int
+    groups: int
+    head_dim: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return (f'{self.variant}-{self.task}-s{self.stage}-k{self.k} B{self.batch} G{self.groups} '
+                f'D{self.head_dim} {self.height}x{self.width}')
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the forward (= those of the depthwise conv)."""
+        return self.batch * self.groups * self.head_dim * self.height * self.width * self.k ** 2
+
+    def bytes_moved(self, itemsize: int = 4) -> Tuple[int, int]:
+        """(forward, backward) bytes that must cross memory at least once."""
+        hw = self.batch * self.groups * self.height * self.width
+        attn = hw * self.k * self.k * itemsize
+        value = hw * self.head_dim * itemsize
+        return attn + 2 * value, 2 * attn + 3 * value
+
+
+def _stride_size(length: int, stride: int) -> int:
+    """Output length after ``log2(stride)`` stride-2 3x3 convs with padding 1 (stem, embeds)."""
+    for _ in range(int(math.log2(stride))):
+        length = (length - 1) // 2 + 1
+    return length
+
+
+def contmix_geometry(variant: str) -> Dict[int, Dict[str, int]]:
+    """Groups, channels per group and kernel sizes of the ContMix calls of stages 3 and 4.
+
+    Derived from ``OverLoCK.arch_settings`` and checked against a constructed
+    ``DynamicConvBlock`` (``num_groups``, ``kernel_size``, ``smk_size``).
+    """
+    from overlock_mm import OverLoCK
+    from overlock_mm.layers import DynamicConvBlock
+    arch = OverLoCK._parse_arch(variant)
+    dims, kernels, heads = arch['embed_dims'], arch['kernel_sizes'], arch['num_heads']
+    smk = inspect.signature(OverLoCK).parameters['smk_size'].default
+    out = {}
+    for s, stage in enumerate((2, 3)):
+        block = DynamicConvBlock(dims[stage], dims[3], kernels[stage], smk, heads[s])
+        groups = block.num_groups
+        # contmix_aggregate: value.view(b, 2, G, C / 2G, h, w) -> one na2d_av per kernel.
+        head_dim = dims[stage] // (2 * groups)
+        assert groups * head_dim * 2 == dims[stage]
+        out[stage + 1] = dict(groups=groups, head_dim=head_dim, large=block.kernel_size,
+                              small=block.smk_size)
+    return out
+
+
+def op_cases(variants: Sequence[str], tasks: Sequence[str], kernels: Sequence[str],
+             cls_batch: int) -> List[OpCase]:
+    """The ``na2d_av`` calls each variant makes at each task's input size."""
+    cases = []
+    for variant in variants:
+        geo = contmix_geometry(variant)
+        for task in tasks:
+            ih, iw = OP_INPUTS[task]
+            for stage, stride in ((3, 16), (4, 32)):
+                h, w = _stride_size(ih, stride), _stride_size(iw, stride)
+                g = geo[stage]
+                for kernel in kernels:
+                    k = g[kernel]
+                    # DynamicConvBlock upsamples maps smaller than the large kernel.
+                    kl = g['large']
+                    hh, ww = h, w
+                    if min(h, w) < kl:
+                        hh, ww = (kl, int(kl / h * w)) if h < w else (int(kl / w * h), kl)
+                    cases.append(OpCase(variant, task, stage, kernel, k,
+                                        cls_batch if task == 'cls' else 1, g['groups'],
+                                        g['head_dim'], hh, ww))
+    return cases
+
+
+def _dwconv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, weight, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warmup: int,
+                  repeat: int, ref_repeat: int, bandwidth: float, min_time: float) -> dict:
+    """Time and memory of every implementation and the depthwise conv for one case.
+
+    Args:
+        case: the call to reproduce.
+        impls: ``na2d_av`` implementations to run (the depthwise conv is always added).
+        device: where to run.
+        warmup: untimed calls before timing.
+        repeat: minimum timed calls (``ref_repeat`` for ``'reference'``).
+        ref_repeat: timed calls of the slow reference (no ``min_time`` extension, at most one
+            warm-up call).
+        bandwidth: copy bandwidth in bytes/s for the roofline.
+        min_time: keep timing fast calls until their total reaches this many seconds.
+
+    Returns:
+        dict: case geometry, bytes, roofline times and per-implementation results.
+    """
+    from overlock_mm.ops import na2d_av
+    b, g, d, h, w, k = case.batch, case.groups, case.head_dim, case.height, case.width, case.k
+    gen = torch.Generator(device='cpu').manual_seed(0)
+    attn = torch.randn(b, g, k * k, h, w, generator=gen).softmax(dim=2).to(device)
+    value = torch.randn(b, g, d, h, w, generator=gen).to(device)
+    grad_out = torch.randn(b, g, d, h, w, generator=gen).to(device)
+    fwd_bytes, bwd_bytes = case.bytes_moved(value.element_size())
+    result = dict(case=asdict(case), name=case.name, bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes,
+                  macs=case.macs,
+                  roofline_fwd_s=fwd_bytes / bandwidth,
+                  roofline_fwdbwd_s=(fwd_bytes + bwd_bytes) / bandwidth, impls={})
+
+    def record(name: str, fwd: Callable[[], object], fwdbwd: Callable[[], object],
+               rep: int, mt: float, wu: int = warmup) -> None:
+        t_f, ts_f, _ = measure(fwd, device, wu, rep, mt)
+        t_fb, ts_fb, mem = measure(fwdbwd, device, wu, rep, mt)
+        result['impls'][name] = dict(fwd_s=t_f, fwd_times=ts_f, fwdbwd_s=t_fb,
+                                     fwdbwd_times=ts_fb, fwdbwd_peak_bytes=mem,
+                                     roofline_fwd=result['roofline_fwd_s'] / t_f,
+                                     roofline_fwdbwd=result['roofline_fwdbwd_s'] / t_fb)
+
+    with torch.no_grad():
+        expected = na2d_av(attn, value, k, impl='reference')
+    for impl in impls:
+        with torch.no_grad():  # a fast but wrong kernel must not go unnoticed
+            err = (na2d_av(attn, value, k, impl=impl) - expected).abs().max().item()
+        a = attn.clone().requires_grad_()
+        v = value.clone().requires_grad_()
+
+        def fwd(impl=impl):
+            with torch.no_grad():
+                return na2d_av(attn, value, k, impl=impl)
+
+        def fwdbwd(impl=impl, a=a, v=v):
+            a.grad = v.grad = None
+            na2d_av(a, v, k, impl=impl).backward(grad_out)
+
+        if impl == 'reference':
+            record(impl, fwd, fwdbwd, ref_repeat, 0., min(warmup, 1))  # seconds per call
+        else:
+            record(impl, fwd, fwdbwd, repeat, min_time)
+        result['impls'][impl]['max_abs_err_fwd'] = err
+        del a, v
+
+    x = value.reshape(b, g * d, h, w).clone()
+    weight = torch.randn(g * d, 1, k, k, generator=gen).to(device)
+    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+
+    def conv_fwd():
+        with torch.no_grad():
+            return _dwconv(x, weight)
+
+    def conv_fwdbwd():
+        xg.grad = wg.grad = None
+        _dwconv(xg, wg).backward(grad_out.reshape(b, g * d, h, w))
+
+    record('dwconv', conv_fwd, conv_fwdbwd, repeat, min_time)
+    return result
+
+
+def run_ops(args: argparse.Namespace, device: torch.device, bandwidth: float, ours: str) -> dict:
+    """Op-level benchmark over the selected cases; prints one table per case."""
+    from overlock_mm.ops import available_impls
+    impls = [i for i in available_impls() if not (i == 'cpu' and device.type != 'cpu')]
+    if args.impls:
+        impls = [i for i in impls if i in args.impls]
+    variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])
+    tasks = args.tasks or ['cls', 'det', 'seg']
+    kernels = ['large', 'small']
+    cases = op_cases(variants, tasks, kernels, args.cls_batch)
+    print(f'\n== Op level: na2d_av, {len(cases)} cases, impls {impls} + dwconv; ours = {ours!r}; '
+          f'warm-up {args.warmup}, median of >= {args.repeat} calls and >= {args.min_time} s '
+          f'(reference: warm-up {min(args.warmup, 1)}, {args.ref_repeat} calls) ==')
+    print('  ref/x: reference time / this time; %roof: the op\'s roofline time (its bytes / copy '
+          'bandwidth) / this time; mem/ref: fwd+bwd peak / reference\'s')
+    hdr = (f'  {"impl":10} {"fwd ms":>9} {"f+b ms":>9} {"f+b peak MB":>12} {"ref/x fwd":>10} '
+           f'{"ref/x f+b":>10} {"%roof fwd":>10} {"mem/ref":>8} {"GFLOP/s fwd":>12} '
+          f'{"max|err|":>9}')
+    results = []
+    for case in cases:
+        r = bench_op_case(case, impls, device, args.warmup, args.repeat, args.ref_repeat,
+                          bandwidth, args.min_time)
+        r['loadavg_after'] = _loadavg()
+        results.append(r)
+        print(f'{case.name}: fwd moves {r["bytes_fwd"] / 1e6:.1f} MB -> roofline '
+              f'{r["roofline_fwd_s"] * 1e3:.3f} ms; fwd+bwd {r["roofline_fwdbwd_s"] * 1e3:.3f} ms')
+        print(hdr)
+        ref = r['impls'].get('reference')
+        for name, m in r['impls'].items():
+            sf = ref['fwd_s'] / m['fwd_s'] if ref else float('nan')
+            sfb = ref['fwdbwd_s'] / m['fwdbwd_s'] if ref else float('nan')
+            mr = (m['fwdbwd_peak_bytes'] / ref['fwdbwd_peak_bytes']
+                  if ref and ref['fwdbwd_peak_bytes'] and m['fwdbwd_peak_bytes'] is not None
+                  else float('nan'))
+            m.update(speedup_fwd=sf, speedup_fwdbwd=sfb, mem_ratio=mr)
+            peak = (f'{m["fwdbwd_peak_bytes"] / 2**20:12.1f}'
+                    if m['fwdbwd_peak_bytes'] is not None else f'{"n/a":>12}')
+            print(f'  {name:10} {m["fwd_s"] * 1e3:9.3f} {m["fwdbwd_s"] * 1e3:9.2f} {peak} '
+                  f'{sf:10.1f} {sfb:10.1f} {100 * m["roofline_fwd"]:9.1f}% {mr:8.3f} '
+                  f'{2 * r["macs"] / m["fwd_s"] / 1e9:12.2f} '
+                  f'{m.get("max_abs_err_fwd", float("nan")):9.1e}')
+        sys.stdout.flush()
+    return dict(impls=impls, ours=ours, cases=results)
+
+
+# ----------------------------------------------------------------------------- model level
+@dataclass
+class ModelConfig:
+    """One model-level measurement."""
+
+    variant: str
+    task: str
+    mode: str  # 'infer' or 'train'
+    impl: str  # contmix_impl: 'auto' or 'reference'
+    deploy: bool = False
+    with_cp: Union[bool, Tuple[bool, ...]] = False
+    batch: int = 1
+    size: Tuple[int, int] = (224, 224)
+    results: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        extra = (' deploy' if self.deploy else '') + cp_label(self.with_cp)
+        return (f'{self.variant}-{self.task} {self.mode:5} {self.impl:9}{extra} '
+                f'b{self.batch} {self.size[1]}x{self.size[0]}')
+
+
+def cp_label(with_cp: Union[bool, Sequence[bool]]) -> str:
+    """`` with_cp`` / `` with_cp=1100`` (per-resolution flags) / ``''``."""
+    if isinstance(with_cp, bool):
+        return ' with_cp' if with_cp else ''
+    return ' with_cp=' + ''.join('1' if c else '0' for c in with_cp)
+
+
+def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls_batch: int,
+                  modes: Sequence[str] = ('infer', 'train'),
+                  cp_stages: Sequence[Tuple[bool, ...]] = ()) -> List[ModelConfig]:
+    """The combinations to run.
+
+    Without ``full`` the reference is not re-parameterised or checkpointed (those rows cost
+    minutes each on a CPU and answer no target). ``cp_stages`` adds training rows of our op
+    with checkpointing at some resolutions only (``OverLoCK(with_cp=(s4, s8, s16, s32))``).
+    """
+    configs = []
+    for variant in variants:
+        for task in tasks:
+            kw = dict(batch=cls_batch if task == 'cls' else 1, size=MODEL_INPUTS[task])
+            for impl in ('reference', 'auto') if 'infer' in modes else ():
+                for deploy in (False, True):
+                    if deploy and impl == 'reference' and not full:
+                        continue
+                    configs.append(ModelConfig(variant, task, 'infer', impl, deploy=deploy, **kw))
+            for impl in ('reference', 'auto') if 'train' in modes else ():
+                for cp in (False, True):
+                    if cp and impl == 'reference' and not full:
+                        continue
+                    configs.append(ModelConfig(variant, task, 'train', impl, with_cp=cp, **kw))
+                if impl == 'auto':
+                    for stages in cp_stages:
+                        configs.append(ModelConfig(variant, task, 'train', impl,
+                                                   with_cp=tuple(stages), **kw))
+    return configs
+
+
+def bench_model(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int) -> dict:
+    """Throughput and peak memory of one backbone configuration."""
+    from overlock_mm import OverLoCK
+    torch.manual_seed(0)
+    model = OverLoCK(cfg.variant, layout=LAYOUT[cfg.task], contmix_impl=cfg.impl,
+                     with_cp=cfg.with_cp).to(device)
+    if cfg.deploy:
+        model.eval()
+        model.switch_to_deploy()
+    x = torch.randn(cfg.batch, 3, *cfg.size, device=device)
+    if cfg.mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(x)
+    else:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = sum(o.float().mean() for o in model(x))
+            loss.backward()
+            opt.step()
+
+    t, times, peak = measure(step, device, warmup, repeat)
+    del model, x
+    gc.collect()
+    return dict(time_s=t, times=times, img_per_s=cfg.batch / t, peak_bytes=peak)
+
+
+def run_models(args: argparse.Namespace, device: torch.device) -> dict:
+    """Model-level benchmark; prints one row per configuration."""
+    variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])
+    tasks = args.tasks or (['cls', 'det', 'seg'] if args.full else ['det'])
+    cp_stages = [tuple(c == '1' for c in flags) for flags in args.cp_stages or ()]
+    configs = model_configs(variants, tasks, args.full, args.cls_batch, args.modes, cp_stages)
+    warmup = args.model_warmup
+    repeat = args.model_repeat
+    print(f'\n== Model level: backbone only, {len(configs)} configurations, warm-up {warmup}, '
+          f'median of {repeat} ==')
+    print(f'  {"configuration":58} {"time s":>9} {"img/s":>8} {"peak MB":>9}')
+    rows = []
+    for cfg in configs:
+        cfg.results = bench_model(cfg, device, warmup, repeat)
+        cfg.results['loadavg_after'] = _loadavg()
+        r = cfg.results
+        peak = f'{r["peak_bytes"] / 2**20:9.0f}' if r['peak_bytes'] is not None else f'{"n/a":>9}'
+        print(f'  {cfg.name:58} {r["time_s"]:9.3f} {r["img_per_s"]:8.2f} {peak}')
+        sys.stdout.flush()
+        rows.append(asdict(cfg))
+    return dict(configs=rows)
+
+
+# ----------------------------------------------------------------------------- targets
+def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> List[dict]:
+    """PASS/FAIL of each issue-5 target that this run measured (worst case over cases)."""
+    values: Dict[str, Tuple[float, str]] = {}
+    targets = list(TARGETS)
+    if ops:
+        det = [c for c in ops['cases'] if c['case']['task'] == 'det'
+               and ours in c['impls'] and 'reference' in c['impls']]
+        if det:
+            def worst(key: str, fn: Callable[[dict, dict], float], pick=min):
+                vals = [(fn(c['impls'][ours], c['impls']['reference']), c['name']) for c in det]
+                values[key] = pick(vals)
+
+            worst('op_fwd_speedup', lambda o, r: r['fwd_s'] / o['fwd_s'])
+            worst('op_fwdbwd_speedup', lambda o, r: r['fwdbwd_s'] / o['fwdbwd_s'])
+            if all(c['impls'][ours]['fwdbwd_peak_bytes'] is not None for c in det):
+                worst('op_mem_ratio', lambda o, r: o['fwdbwd_peak_bytes'] / r['fwdbwd_peak_bytes'],
+                      max)
+            worst('op_roofline', lambda o, r: o['roofline_fwd'])
+    if models:
+        train = [c for c in models['configs'] if (c['variant'], c['task'], c['mode'], c['deploy'])
+                 == ('t', 'det', 'train', False)]
+        ref = next((c['results'] for c in train
+                    if c['impl'] == 'reference' and c['with_cp'] is False), None)
+        for c in train:
+            if c['impl'] != 'auto' or not ref:
+                continue
+            o, cp = c['results'], c['with_cp']
+            suffix = '' if cp is False else '_cp' if cp is True else '_cp' + cp_label(cp)[9:]
+            if suffix not in ('', '_cp'):  # partial checkpointing: reported, same thresholds
+                label = f'same, ours with{cp_label(cp)}'
+                targets.append(('train_time_ratio' + suffix, label + ': time / reference', 0.5,
+                                '<='))
+                targets.append(('train_mem_ratio' + suffix, label + ': peak memory / reference',
+                                0.5, '<='))
+            values['train_time_ratio' + suffix] = (o['time_s'] / ref['time_s'], 't-det train')
+            if o['peak_bytes'] and ref['peak_bytes']:
+                values['train_mem_ratio' + suffix] = (o['peak_bytes'] / ref['peak_bytes'],
+                                                      't-det train')
+    out = []
+    print('\n== Targets (worst case over the measured detection-size cases) ==')
+    for key, desc, thr, op in targets:
+        if key not in values:
+            print(f'  SKIP  {desc}: not measured in this run')
+            out.append(dict(key=key, description=desc, threshold=thr, op=op, value=None,
+                            status='SKIP'))
+            continue
+        v, where = values[key]
+        ok = v >= thr if op == '>=' else v <= thr
+        status = 'PASS' if ok else 'FAIL'
+        print(f'  {status}  {desc}: {v:.3f} (target {op} {thr}; worst: {where})')
+        out.append(dict(key=key, description=desc, threshold=thr, op=op, value=v, worst=where,
+                        status=status))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def machine_info(device: torch.device) -> dict:
+    """Device, software and load facts recorded with the numbers."""
+    info = dict(torch=torch.__version__, python=platform.python_version(),
+                platform=platform.platform(), device=str(device),
+                torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    try:
+        with open('/proc/cpuinfo') as f:
+            info['cpu'] = next(line.split(':', 1)[1].strip() for line in f
+                               if line.startswith('model name'))
+    except (OSError, StopIteration):
+        info['cpu'] = platform.processor()
+    if hasattr(os, 'getloadavg'):
+        info['loadavg_start'] = os.getloadavg()
+    return info
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--ops', action='store_true', help='run the op level (default: both)')
+    parser.add_argument('--models', action='store_true', help='run the model level')
+    parser.add_argument('--variants', nargs='+', choices=['xt', 't', 's', 'b'],
+                        help='variants (default: t; --full: all)')
+    parser.add_argument('--tasks', nargs='+', choices=['cls', 'det', 'seg'],
+                        help='tasks (default ops: all; models: det; --full: all)')
+    parser.add_argument('--impls', nargs='+', help='restrict the op-level implementations')
+    parser.add_argument('--modes', nargs='+', choices=['infer', 'train'],
+                        default=['infer', 'train'], help='model-level modes (default: both)')
+    parser.add_argument('--cp-stages', nargs='+', metavar='FLAGS',
+                        help='extra training rows of our op with checkpointing per resolution, '
+                             'e.g. 1100 = with_cp=(True, True, False, False) (strides 4/8 only)')
+    parser.add_argument('--full', action='store_true',
+                        help='every variant, task and combination (hours on a CPU)')
+    parser.add_argument('--quick', action='store_true',
+                        help='fewer repetitions (op: warm-up 1, median of >= 3 calls / 0.1 s, '
+                             'reference 1 call)')
+    parser.add_argument('--repeat', type=int, help='op-level timed repetitions (default 5)')
+    parser.add_argument('--warmup', type=int, help='op-level warm-up calls (default 2)')
+    parser.add_argument('--min-time', type=float,
+                        help='time fast op calls for at least this many seconds (default 0.5)')
+    parser.add_argument('--ref-repeat', type=int,
+                        help='timed repetitions of the slow reference op (default 3)')
+    parser.add_argument('--model-repeat', type=int, help='model-level timed steps (default 1)')
+    parser.add_argument('--model-warmup', type=int,
+                        help='model-level warm-up steps (default 0: the first step is timed, '
+                             'like docs/performance.md\'s anchors; 1 for steadier numbers)')
+    parser.add_argument('--cls-batch', type=int, default=4,
+                        help='batch size of the classification cases (default 4)')
+    parser.add_argument('--threads', type=int,
+                        help='torch (and CPU kernel) threads; 1 is the robust choice when '
+                             'another process shares the cores (default: torch\'s default)')
+    parser.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: cuda if present)")
+    parser.add_argument('--json', help='write every number to this file')
+    parser.add_argument('--no-reexec', action='store_true',
+                        help=f'do not restart with {_MMAP_ENV} (CPU peak memory less exact)')
+    args = parser.parse_args(argv)
+    if not args.ops and not args.models:
+        args.ops = args.models = True
+    quick = args.quick
+    defaults = dict(repeat=3 if quick else 5, warmup=1 if quick else 2,
+                    min_time=0.1 if quick else 0.5,
+                    ref_repeat=1 if quick else 3, model_repeat=1, model_warmup=0)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the selected benchmarks, print the tables and targets, write JSON if asked."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    import overlock_mm  # noqa: F401 - registers the ops, builds/loads the CPU kernel lazily
+    from overlock_mm.ops import neighborhood
+    ours = neighborhood._AUTO_ORDER.get(device.type, ['native'])[0]
+    info = machine_info(device)
+    if device.type == 'cpu' and ours == 'cpu':
+        from overlock_mm.ops import na2d_cpu
+        info['cpu_kernel_available'] = na2d_cpu.is_available()
+        if not info['cpu_kernel_available']:
+            print(f"WARNING: the 'cpu' kernel did not build ({na2d_cpu._state['error']}); "
+                  "'cpu' rows are the 'native' implementation.")
+    bw = copy_bandwidth(device)
+    info['copy_bandwidth_GBps'] = bw / 1e9
+    info['memory_method'] = PeakMemory.method(device)
+    info['memory_calibration'] = calibrate_memory_meter(device)
+    print(f'device {device} ({info.get("gpu", info["cpu"])}), torch {torch.__version__}, '
+          f'{info["torch_threads"]} threads, load average {info.get("loadavg_start")}')
+    print(f'copy bandwidth (dst.copy_(src), 256 MB, read+write): {bw / 1e9:.2f} GB/s')
+    cal = info['memory_calibration']
+    print(f'peak memory: {info["memory_method"]}; calibration 200 MB -> '
+          f'{"n/a" if cal is None else f"{cal * 200:.1f} MB"}')
+    t0 = time.perf_counter()
+    ops = run_ops(args, device, bw, ours) if args.ops else None
+    models = run_models(args, device) if args.models else None
+    targets = evaluate_targets(ops, models, ours)
+    info['wall_s'] = time.perf_counter() - t0
+    if hasattr(os, 'getloadavg'):
+        info['loadavg_end'] = os.getloadavg()
+    print(f'\ntotal {info["wall_s"]:.0f} s; load average at end {info.get("loadavg_end")}')
+    report = dict(machine=info, args=vars(args), ops=ops, models=models, targets=targets)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f'wrote {args.json}')
+    return report
+
+
+if __name__ == '__main__':
+    main()
