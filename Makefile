@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 WHEELS ?=
 SETUP_ARGS := $(if $(WHEELS),--find-links $(WHEELS),)
 PYTEST_ARGS ?= --durations=30
+# sleeping OpenMP waiters: spinning ones stall every op when the cores are shared (tools/train.py)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test demo demo-seg demo-cls flops benchmark
 

@@ -62,12 +62,17 @@ def build_model(cfg: Config):
     scope = cfg.default_scope
     init_default_scope(scope)
     registry = importlib.import_module(f'{scope}.registry')
-    model = registry.MODELS.build(cfg.model)
+    model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:  # what mmengine's Runner does
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    model = registry.MODELS.build(model_cfg)
     model.init_weights()
     return model
 
 
-def _det_batch(h, w, n=2):
+def _det_batch(h, w, n=1):
+    # one image: the cascade RoI heads (3 x 4conv1fc on 512 sampled / 1000 test RoIs per image)
+    # cost the same at any input size and dominate a CPU step
     from mmdet.testing import demo_mm_inputs
     return demo_mm_inputs(batch_size=n, image_shapes=(3, h, w), with_mask=True, num_classes=80)
 

@@ -26,12 +26,15 @@ def test_two_process_training_stays_in_sync(task, tmp_path):
     work = tmp_path / 'work'
     opts = [
         f'train_dataloader.dataset.data_root={root}',
-        'train_dataloader.batch_size=1',
+        f'val_dataloader.dataset.data_root={root}',  # the runner builds the val loop at start
+        # UperNet's pooling module needs 2 images per BN (1x1 maps)
+        f'train_dataloader.batch_size={2 if task == "seg" else 1}',
         'train_cfg.max_iters=3', 'train_cfg.val_interval=1000',
         'param_scheduler.0.end=3',
-        'custom_hooks=[dict(type="DumpRankWeightsHook")]',
         'default_hooks.checkpoint.interval=1000',
     ]
+    if task == 'det':
+        opts.append(f'val_evaluator.ann_file={root}annotations/instances_val.json')
     if task == 'seg':
         opts += ['model.data_preprocessor.size=(128,128)',
                  'train_dataloader.dataset.pipeline.3.crop_size=(128,128)']
@@ -50,6 +53,10 @@ def test_two_process_training_stays_in_sync(task, tmp_path):
     assert ranks[0].keys() == ranks[1].keys()
     changed = 0
     for k, v in ranks[0].items():
+        if k.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            # plain BN on CPU (SyncBN needs a GPU): DDP broadcasts rank 0's buffers at the start
+            # of each forward, so the last forward's per-rank statistics legitimately differ
+            continue
         assert torch.equal(v, ranks[1][k]), f'rank weights diverged at {k}'
         if v.is_floating_point() and not torch.equal(v, start[k]):
             changed += 1

@@ -5,6 +5,7 @@ taps are softmax weights derived from the pixel's affinity to 7x7 pooled regions
 prior. This file holds the kernel *generation* (affinity -> taps -> softmax with relative position
 bias) and calls the aggregation op (:mod:`overlock_mm.ops`). Change the kernel here.
 """
+import math
 from functools import lru_cache
 from typing import Tuple
 
@@ -68,8 +69,9 @@ def contmix_aggregate(value: torch.Tensor, small: torch.Tensor, large: torch.Ten
     b, c, h, w = value.shape
     g = small.shape[1]
     v = value.view(b, 2, g, c // (2 * g), h, w)
-    ks = int(round(small.shape[2] ** 0.5))
-    kl = int(round(large.shape[2] ** 0.5))
+    # int() first: under jit tracing (FLOP counting) shapes are 0-d tensors
+    ks = math.isqrt(int(small.shape[2]))
+    kl = math.isqrt(int(large.shape[2]))
     out_s = na2d_av(small, v[:, 0], ks, impl=impl)
     out_l = na2d_av(large, v[:, 1], kl, impl=impl)
     return torch.cat([out_s, out_l], dim=1).view(b, c, h, w)

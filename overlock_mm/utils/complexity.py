@@ -23,7 +23,8 @@ CATEGORIES = {
     '_convolution': 'convolutions',
     'matmul': 'convolutions',  # ContMix weight_proj (a 1x1 conv in the release) as a matmul
     'einsum': 'affinity',
-    'PythonOp._NeighborhoodAV': 'aggregation',
+    'PythonOp._NeighborhoodAV': 'aggregation',  # impl 'native' (ops/neighborhood.py)
+    'PythonOp._CpuNeighborhoodAV': 'aggregation',  # impl 'cpu' (ops/na2d_cpu.py)
 }
 REFERENCE_CATEGORIES = ('convolutions', 'aggregation', 'affinity')
 
@@ -53,6 +54,7 @@ def _matmul_handle(inputs, outputs):
 
 HANDLES = {
     'prim::PythonOp._NeighborhoodAV': _aggregation_handle,
+    'prim::PythonOp._CpuNeighborhoodAV': _aggregation_handle,
     'aten::einsum': _einsum_handle,
     'aten::matmul': _matmul_handle,
 }
@@ -62,11 +64,13 @@ def flop_breakdown(model: torch.nn.Module, inputs) -> Dict[str, int]:
     """MACs per category (``convolutions``, ``aggregation``, ``affinity``, ``other``)."""
     analyzer = FlopAnalyzer(model, inputs).set_op_handle(**HANDLES)
     analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_operator = analyzer.by_operator()  # runs the trace; unsupported_ops() needs it first
     unsupported = [k for k in analyzer.unsupported_ops() if k.startswith('prim::PythonOp')]
     if unsupported:
-        raise RuntimeError(f'uncounted custom ops in the trace: {unsupported}; add a handle.')
+        raise RuntimeError(f'uncounted custom ops in the trace: {unsupported}; add a handle '
+                           f'in overlock_mm/utils/complexity.py.')
     counts = Counter()
-    for op, n in analyzer.by_operator().items():
+    for op, n in by_operator.items():
         counts[CATEGORIES.get(op, 'other')] += n
     counts['total'] = sum(counts[c] for c in REFERENCE_CATEGORIES)
     return dict(counts)

@@ -10,11 +10,14 @@ library's own metric, prints it, and saves an image with the predictions drawn.
 """
 import argparse
 import json
+import os
 import os.path as osp
 import sys
 import time
 from pathlib import Path
 
+# Sleeping (not spinning) OpenMP waiters: see tools/train.py. Set before torch loads.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
 
