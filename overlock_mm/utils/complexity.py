@@ -20,7 +20,7 @@ from mmengine.analysis.jit_handles import get_shape
 
 #: operator name in the trace -> breakdown category
 CATEGORIES = {
-    '_convolution': 'convolutions',
+    'conv': 'convolutions',  # mmengine's name for aten::_convolution
     'matmul': 'convolutions',  # ContMix weight_proj (a 1x1 conv in the release) as a matmul
     'einsum': 'affinity',
     'PythonOp._NeighborhoodAV': 'aggregation',  # impl 'native' (ops/neighborhood.py)

@@ -35,7 +35,7 @@ class Classifier(torch.nn.Module):
 
     def __init__(self, arch: str) -> None:
         super().__init__()
-        self.backbone = OverLoCK(arch, layout='cls', contmix_impl='native')
+        self.backbone = OverLoCK(arch, layout='cls', contmix_impl='auto')
         c3 = self.backbone.embed_dims[3]
         self.head = OverLoCKClsHead(num_classes=1000, in_channels=c3 + c3 // 4)
         self.backbone.switch_to_deploy()
@@ -56,7 +56,7 @@ def classification(arch: str, size: int = 224) -> dict:
 
 
 def dense(arch: str, layout: str, hw) -> dict:
-    model = OverLoCK(arch, layout=layout, contmix_impl='native').eval()
+    model = OverLoCK(arch, layout=layout, contmix_impl='auto').eval()
     with torch.no_grad():
         macs = flop_breakdown(model, torch.zeros(1, 3, *hw))
     return dict(params=count_params(model), **macs)
