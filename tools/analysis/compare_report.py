@@ -639,7 +639,9 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='throughput input size, multiples of 32 (default: 320 320 on CPU, '
                         '800 1280 (det) / 512 512 (seg) on CUDA)')
-    p.add_argument('--batch', type=int, default=1, help='images per iteration (default 1)')
+    p.add_argument('--batch', type=int, default=None,
+                   help='images per iteration (default 1 for det, 2 for seg: UperNet\'s pooling '
+                        'module has 1x1 maps, and BatchNorm needs 2 values per channel to train)')
     p.add_argument('--iters', type=int, default=None,
                    help='timed iterations (default 2 on CPU, 20 on CUDA)')
     p.add_argument('--warmup', type=int, default=1, help='untimed iterations first (default 1)')
@@ -669,6 +671,11 @@ def parse_args(argv=None):
         p.error(f'--shape {args.shape}: both sides must be positive multiples of 32')
     if args.iters is None:
         args.iters = 20 if cuda else 2
+    if args.batch is None:
+        args.batch = 2 if args.task == 'seg' else 1
+    if args.task == 'seg' and args.batch < 2 and not args.skip_train:
+        p.error('--task seg trains with --batch >= 2 (UperNet pooling-module BatchNorm on 1x1 '
+                'maps); use --batch 2 or --skip-train')
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         p.error('--batch and --iters must be >= 1, --warmup >= 0')
     return args
