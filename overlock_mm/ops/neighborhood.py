@@ -22,6 +22,7 @@ Clamped windows make the tap loop cheap: for a fixed tap row ``a`` the source ro
 slice) and ``L - k + a`` for ``i >= L - r`` (a broadcast). Every tap therefore touches only
 views of ``value`` -- no per-tap copies.
 """
+import importlib.util
 from functools import lru_cache
 from typing import Callable, Dict, List, Tuple
 
@@ -240,9 +241,28 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
     return fn(attn, value, kernel_size)
 
 
+def _register_triton() -> bool:
+    """Register ``'triton'`` (preferred by ``auto`` on CUDA) where it can run; True if it did.
+
+    Only with a CUDA device *and* an importable ``triton``: elsewhere the name stays out of
+    :func:`available_impls`, so CPU-only installs neither pay for importing triton nor list an
+    implementation that would only fall back to ``'native'``. A broken triton install is treated
+    like a missing one -- ``'native'`` still serves CUDA.
+    """
+    if not torch.cuda.is_available() or importlib.util.find_spec('triton') is None:
+        return False
+    try:
+        from .na2d_triton import na2d_av_triton
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    register_impl('triton', na2d_av_triton, devices=('cuda',))
+    return True
+
+
 def _register_builtin() -> None:
     from .na2d_cpu import na2d_av_cpu
     register_impl('cpu', na2d_av_cpu, devices=('cpu',))
+    _register_triton()
 
 
 _register_builtin()

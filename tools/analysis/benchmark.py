@@ -4,7 +4,8 @@ A benchmark harness, not a test: everything is measured side by side in one run 
 (CUDA when present, otherwise CPU), printed as tables and optionally written as JSON.
 
 Op level (``--ops``): ``overlock_mm.ops.na2d_av`` (``attn [B, G, k*k, H, W]``,
-``value [B, G, D, H, W]``) for every implementation in ``available_impls()``, at the stage-3 /
+``value [B, G, D, H, W]``) for every implementation in ``available_impls()`` that runs on the
+device (on CUDA with triton installed: ``'triton'``, which ``auto`` then prefers), at the stage-3 /
 stage-4 maps (stride 16 / 32) the variants see for 224x224 classification, 1344x800 detection
 and 2048x512 segmentation inputs, with the group count ``G = 2 * num_heads``, the channels per
 group ``D = dim / (2G)`` and the kernel sizes (small ``smk_size``, large ``kernel_sizes[stage]``)
@@ -403,7 +404,10 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
 def run_ops(args: argparse.Namespace, device: torch.device, bandwidth: float, ours: str) -> dict:
     """Op-level benchmark over the selected cases; prints one table per case."""
     from overlock_mm.ops import available_impls
-    impls = [i for i in available_impls() if not (i == 'cpu' and device.type != 'cpu')]
+    # Device-bound implementations fall back to 'native' elsewhere: list them on their device only
+    # (on CUDA that includes 'triton', which registers itself where triton and a GPU are present).
+    device_only = {'cpu': 'cpu', 'triton': 'cuda'}
+    impls = [i for i in available_impls() if device_only.get(i, device.type) == device.type]
     if args.impls:
         impls = [i for i in impls if i in args.impls]
     variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])

@@ -1,0 +1,237 @@
+"""The Triton ``na2d_av`` kernels, run on CPU tensors through Triton's interpreter.
+
+``triton.jit`` picks the interpreter when it decorates a function, from ``TRITON_INTERPRET``
+(read on every access of ``triton.knobs.runtime.interpret`` in triton 3.8). Triton's own ``@jit``
+library helpers (``tl.sum``, ``tl.max``, ``tl.cdiv``, ``tl.zeros``) are decorated when triton is
+imported, so kernels using them could only be interpreted with the variable set before
+``import triton``; :mod:`overlock_mm.ops.na2d_triton` uses builtins only and decorates its kernels
+lazily, cached per setting, so the ``interpreter`` fixture just sets the variable for each test,
+in this process, after this module has imported triton (exactly the case that matters).
+
+The interpreter executes every ``tl`` op as a NumPy call per program, so the cases are small and
+most use a larger pixel tile (fewer programs); one case keeps the default tile so several programs
+share a map. Ground truth: the ``F.unfold`` reference in float64 and its autograd gradients.
+"""
+import pytest
+import torch
+
+pytest.importorskip('triton')
+
+from overlock_mm.ops import available_impls, na2d_av_reference, neighborhood  # noqa: E402
+from overlock_mm.ops import na2d_triton as nt  # noqa: E402
+
+TOL = 1e-4  # float32 kernels vs the float64 reference
+
+# (k, H, W, D, B, G, BLOCK_P): H or W == k, a bit larger than k, non-square, L = 2k - 1 (the
+# longest inverse range, 7 -> 13), the default tile with tiles spanning rows, k = 17, and small
+# tiles that lie inside one row and clear of the borders, so grad_value takes its exactly-k trip
+# count on both axes (rows k..H-k-1, columns 16..31) next to border tiles.
+CASES = [
+    (3, 3, 5, 8, 2, 1, 256),
+    (5, 7, 5, 10, 1, 2, 256),
+    (7, 9, 8, 16, 1, 2, 256),
+    (7, 13, 9, 8, 2, 1, 256),
+    (13, 13, 14, 8, 1, 2, 256),
+    (5, 7, 23, 10, 1, 2, 64),
+    (17, 18, 17, 8, 1, 1, 512),
+    (3, 9, 40, 8, 1, 2, 16),
+    (5, 11, 40, 10, 1, 1, 16),
+]
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert nt.interpreting()
+
+
+def _inputs(B, G, D, H, W, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.randn(B, G, k * k, H, W, generator=g).softmax(2)
+    value = torch.randn(B, G, D, H, W, generator=g)
+    grad_out = torch.randn(B, G, D, H, W, generator=g)
+    return attn, value, grad_out
+
+
+def _reference(attn, value, grad_out, k):
+    """Forward and both gradients of the F.unfold formulation, in float64."""
+    a = attn.double().requires_grad_()
+    v = value.double().requires_grad_()
+    out = na2d_av_reference(a, v, k)
+    out.backward(grad_out.double())
+    return out.detach(), a.grad, v.grad
+
+
+def _max_err(x, y):
+    return (x.double() - y.double()).abs().max().item()
+
+
+@pytest.mark.parametrize('k,H,W,D,B,G,block_p', CASES)
+def test_forward_and_gradients_match_reference(interpreter, monkeypatch, k, H, W, D, B, G,
+                                               block_p):
+    monkeypatch.setattr(nt, 'BLOCK_P', block_p)
+    attn, value, grad_out = _inputs(B, G, D, H, W, k)
+    ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
+    a, v = attn.clone().requires_grad_(), value.clone().requires_grad_()
+    out = nt.na2d_av_triton(a, v, k)
+    out.backward(grad_out)
+    assert out.dtype == torch.float32
+    assert _max_err(out, ref_out) < TOL
+    assert _max_err(a.grad, ref_ga) < TOL
+    assert _max_err(v.grad, ref_gv) < TOL
+
+
+def test_channel_chunks(interpreter, monkeypatch):
+    """D above the forward / grad_value channel tile: two chunks on the grid's second axis, the
+    second one masked (grad_attn streams over all D channels regardless)."""
+    monkeypatch.setattr(nt, 'MAX_BLOCK_D', 8)
+    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    k = 5
+    attn, value, grad_out = _inputs(1, 2, 10, 5, 7, k, seed=1)
+    ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
+    assert _max_err(nt.forward(attn, value, k), ref_out) < TOL
+    assert _max_err(nt.grad_attn(grad_out, value, k), ref_ga) < TOL
+    assert _max_err(nt.grad_value(grad_out, attn, k), ref_gv) < TOL
+
+
+@pytest.mark.parametrize('k', [1, 3, 5, 7, 13])
+def test_inverse_range_formula(k):
+    """The grad_value kernel's inverse-neighbourhood range and trip-count bound, against a scan
+    of every window on every axis length from k to 3k (pure Python, no kernel)."""
+    r = k // 2
+    for length in range(k, 3 * k + 1):
+        starts = [min(max(i - r, 0), length - k) for i in range(length)]
+        longest = 0
+        for p in range(length):
+            readers = [i for i, s in enumerate(starts) if s <= p < s + k]
+            assert nt.inverse_range(p, length, k) == (readers[0], readers[-1]), (k, length, p)
+            assert readers == list(range(readers[0], readers[-1] + 1))  # contiguous
+            if k <= p < length - k:  # the kernel's "interior": exactly k readers
+                assert len(readers) == k
+            longest = max(longest, len(readers))
+        assert nt.max_inverse_range(length, k) == longest, (k, length)
+
+
+def test_brute_force_cross_check(interpreter, monkeypatch):
+    """One border-heavy case against the loop-per-pixel reference of test_ops_na2d."""
+    from test_ops_na2d import brute_force_av, from_ours, make, to_ours
+    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    k = 5
+    attn_nat, v_nat = make(2, 1, 8, 6, 5, k, dtype=torch.float32)
+    expected = brute_force_av(attn_nat.double(), v_nat.double(), k)
+    a, v = to_ours(attn_nat, v_nat)
+    out = from_ours(nt.na2d_av_triton(a, v, k))  # non-contiguous permuted views on purpose
+    assert _max_err(out, expected) < TOL
+
+
+#: one unit in the last place, relative: 2**-mantissa_bits. The interpreter converts float32 to
+#: bfloat16 by truncation (compiled Triton rounds to nearest), so allow a whole ulp, not half.
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def _assert_close_low_precision(x, ref, dtype):
+    """Elementwise within one ulp of ``dtype`` (plus float32 accumulation noise near zero)."""
+    torch.testing.assert_close(x.double(), ref.double(), rtol=ULP[dtype], atol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_autocast_low_precision(interpreter, monkeypatch, dtype):
+    """Under autocast the kernels read fp16/bf16, accumulate in fp32 and return the autocast
+    dtype; leaf gradients come back in float32 (the interpreter emulates both dtypes)."""
+    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    k = 5
+    attn, value, grad_out = _inputs(1, 2, 8, 7, 9, k, seed=2)
+    # reference from the rounded operands: what is left is accumulation and output rounding
+    ref_out, ref_ga, ref_gv = _reference(attn.to(dtype), value.to(dtype), grad_out.to(dtype), k)
+    a, v = attn.clone().requires_grad_(), value.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        out = nt.na2d_av_triton(a, v, k)
+    assert out.dtype == dtype
+    _assert_close_low_precision(out, ref_out, dtype)
+    out.backward(grad_out.to(dtype))
+    assert a.grad.dtype == torch.float32 and v.grad.dtype == torch.float32
+    _assert_close_low_precision(a.grad, ref_ga, dtype)
+    _assert_close_low_precision(v.grad, ref_gv, dtype)
+
+
+def test_saves_only_attn_and_value(interpreter, monkeypatch):
+    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    k = 5
+    attn, value, _ = _inputs(1, 2, 8, 6, 7, k)
+    a, v = attn.requires_grad_(), value.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nt.na2d_av_triton(a, v, k)
+    assert sum(saved) <= a.numel() + v.numel(), saved
+
+
+def test_raw_kernels_require_contiguous_inputs(interpreter):
+    attn, value, _ = _inputs(1, 2, 8, 5, 5, 3)
+    with pytest.raises(ValueError, match='contiguous'):
+        nt.forward(attn, value.transpose(-1, -2), 3)
+
+
+def test_cpu_without_interpreter_falls_back_to_native(monkeypatch):
+    """Plain CPU tensors never reach a compiled kernel (there is no GPU to compile for)."""
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    assert not nt.interpreting()
+
+    def no_kernels():
+        raise AssertionError('a Triton kernel was requested for CPU tensors')
+
+    monkeypatch.setattr(nt, '_kernels', no_kernels)
+    attn, value, _ = _inputs(1, 2, 4, 5, 6, 3)
+    torch.testing.assert_close(nt.na2d_av_triton(attn, value, 3),
+                               na2d_av_reference(attn, value, 3))
+
+
+def test_registered_only_where_it_can_run():
+    """'triton' is listed (and preferred by auto on CUDA) only when a CUDA device is present,
+    so the CPU-parametrised tests of test_ops_na2d never pick it up."""
+    registered = 'triton' in available_impls()
+    assert registered == torch.cuda.is_available()
+    if registered:
+        assert neighborhood._AUTO_ORDER['cuda'][0] == 'triton'
+    assert 'triton' not in neighborhood._AUTO_ORDER.get('cpu', [])
+
+
+@pytest.mark.parametrize('triton_importable', [True, False])
+def test_registration_logic_with_cuda_faked(monkeypatch, triton_importable):
+    """With a (faked) CUDA device 'triton' registers itself first for 'cuda' -- unless triton
+    cannot be imported, in which case nothing changes and nothing raises."""
+    import sys
+    monkeypatch.setattr(neighborhood, '_IMPLS', dict(neighborhood._IMPLS))
+    order = {dev: list(o) for dev, o in neighborhood._AUTO_ORDER.items()}
+    order['cuda'] = ['native']
+    monkeypatch.setattr(neighborhood, '_AUTO_ORDER', order)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    if not triton_importable:
+        monkeypatch.setitem(sys.modules, 'triton', None)  # makes find_spec / import fail
+    assert neighborhood._register_triton() is triton_importable
+    assert ('triton' in neighborhood.available_impls()) is triton_importable
+    assert neighborhood._AUTO_ORDER['cuda'][0] == ('triton' if triton_importable else 'native')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (compiled kernels)')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_compiled_kernels(monkeypatch, dtype):
+    """On a GPU machine: the compiled kernels through na2d_av(impl='auto'), real model sizes."""
+    from overlock_mm.ops import na2d_av
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    for k, H, W, D in [(13, 25, 42, 16), (7, 14, 14, 10), (17, 17, 30, 14)]:
+        attn, value, grad_out = (t.to(dtype) for t in _inputs(2, 4, D, H, W, k))
+        ref = _reference(attn, value, grad_out, k)
+        a, v = attn.cuda().requires_grad_(), value.cuda().requires_grad_()
+        out = na2d_av(a, v, k)
+        assert out.dtype == dtype
+        out.backward(grad_out.cuda())
+        for got, expected in zip((out, a.grad, v.grad), ref):
+            if dtype == torch.float32:
+                assert _max_err(got.cpu(), expected) < TOL
+            else:
+                _assert_close_low_precision(got.cpu(), expected, dtype)
