@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
 from .contmix import NUM_REGIONS_SIDE, contmix_aggregate, contmix_kernels
-from .conv import ResDWConv, SEModule, conv_bn
+from .conv import DWConv2d, ResDWConv, SEModule, conv_bn
 from .norm import GRN, LayerNorm2d, LayerScale, layer_scale_or_identity
 from .reparam import DilatedReparamBlock
 
@@ -102,7 +102,7 @@ class DynamicConvBlock(nn.Module):
         self.dwconv1 = ResDWConv(out_dim)
         self.norm1 = LayerNorm2d(out_dim)
         self.fusion = nn.Sequential(
-            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim),
+            DWConv2d(out_dim, 3, padding=1),
             nn.BatchNorm2d(out_dim),
             nn.GELU(),
             nn.Conv2d(out_dim, dim, 1),

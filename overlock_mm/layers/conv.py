@@ -2,8 +2,26 @@
 import torch
 import torch.nn as nn
 
+from ..ops.dwconv import depthwise_conv2d
 
-class ResDWConv(nn.Conv2d):
+
+class DWConv2d(nn.Conv2d):
+    """Depthwise ``nn.Conv2d`` (``groups = in = out channels``) on :func:`depthwise_conv2d`.
+
+    Same parameters, state-dict keys and results as ``nn.Conv2d``; on CPU it runs the faster
+    large-kernel forward and weight gradient of ``overlock_mm/ops/dwconv.py``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, padding: int = 0, dilation: int = 1,
+                 bias: bool = True) -> None:
+        super().__init__(channels, channels, kernel_size, padding=padding, dilation=dilation,
+                         groups=channels, bias=bias)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias):
+        return depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
+
+
+class ResDWConv(DWConv2d):
     """Residual depthwise 3x3 convolution: ``x + dwconv(x)``.
 
     Subclasses ``nn.Conv2d`` so its parameters sit directly on the module (``<name>.weight``),
@@ -11,8 +29,7 @@ class ResDWConv(nn.Conv2d):
     """
 
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2,
-                         groups=channels, bias=True)
+        super().__init__(channels, kernel_size, padding=kernel_size // 2, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + super().forward(x)

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
+from .conv import DWConv2d
+
 
 class ElementScale(nn.Module):
     """A learnable per-channel scale ``x * scale`` (``scale``: ``[1, C, 1, 1]``).
@@ -80,7 +82,7 @@ class MultiOrderDWConv(nn.Module):
         c0, c1, c2 = self.splits
 
         def dw(c: int, k: int, d: int) -> nn.Conv2d:
-            return nn.Conv2d(c, c, k, padding=d * (k - 1) // 2, dilation=d, groups=c)
+            return DWConv2d(c, k, padding=d * (k - 1) // 2, dilation=d)
 
         self.DW_conv0 = dw(channels, 5, dilations[0])
         self.DW_conv1 = dw(c1, 5, dilations[1])
@@ -140,8 +142,7 @@ class ChannelAggregationFFN(nn.Module):
                  drop: float = 0.) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(channels, hidden_channels, 1)
-        self.dwconv = nn.Conv2d(hidden_channels, hidden_channels, kernel_size,
-                                padding=kernel_size // 2, groups=hidden_channels)
+        self.dwconv = DWConv2d(hidden_channels, kernel_size, padding=kernel_size // 2)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_channels, channels, 1)
         self.drop = nn.Dropout(drop)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv import DWConv2d
+
 #: kernel size -> ((small kernel, dilation), ...) of the parallel dilated branches.
 DILATED_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
     19: ((5, 1), (7, 1), (9, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
@@ -87,16 +89,15 @@ class DilatedReparamBlock(nn.Module):
         self.channels = channels
         self.kernel_size = kernel_size
         self.branches: List[Tuple[int, int]] = list(DILATED_BRANCHES[kernel_size])
-        self.lk_origin = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
-                                   groups=channels, bias=deploy)
+        self.lk_origin = DWConv2d(channels, kernel_size, padding=kernel_size // 2, bias=deploy)
         self.deploy = deploy
         if deploy:
             return
         self.origin_bn = nn.BatchNorm2d(channels)
         for k, r in self.branches:
             self.add_module(f'dil_conv_k{k}_{r}',
-                            nn.Conv2d(channels, channels, k, padding=(r * (k - 1) + 1) // 2,
-                                      dilation=r, groups=channels, bias=False))
+                            DWConv2d(channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r,
+                                     bias=False))
             self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
 
     @staticmethod
@@ -126,8 +127,8 @@ class DilatedReparamBlock(nn.Module):
         if self.deploy:
             return
         kernel, bias = self.fused_kernel()
-        fused = nn.Conv2d(self.channels, self.channels, self.kernel_size,
-                          padding=self.kernel_size // 2, groups=self.channels, bias=True)
+        fused = DWConv2d(self.channels, self.kernel_size, padding=self.kernel_size // 2,
+                         bias=True)
         fused.to(kernel.device, kernel.dtype)
         fused.weight.data.copy_(kernel)
         fused.bias.data.copy_(bias)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
+from .conv import DWConv2d
 from .reparam import DilatedReparamBlock
 
 #: UniRepLKNet: large kernel size -> ((small kernel, dilation), ...) of the dilated branches.
@@ -61,15 +62,14 @@ class UniRepLKReparamBlock(DilatedReparamBlock):
         self.kernel_size = kernel_size
         self.branches = list(UNIREPLKNET_BRANCHES[kernel_size])
         self.deploy = deploy
-        self.lk_origin = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
-                                   groups=channels, bias=deploy)
+        self.lk_origin = DWConv2d(channels, kernel_size, padding=kernel_size // 2, bias=deploy)
         if deploy:
             return
         self.origin_bn = nn.BatchNorm2d(channels)
         for k, r in self.branches:
             self.add_module(f'dil_conv_k{k}_{r}',
-                            nn.Conv2d(channels, channels, k, padding=r * (k - 1) // 2,
-                                      dilation=r, groups=channels, bias=False))
+                            DWConv2d(channels, k, padding=r * (k - 1) // 2, dilation=r,
+                                     bias=False))
             self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
 
     @staticmethod
@@ -157,8 +157,7 @@ class UniRepLKNetBlock(nn.Module):
         super().__init__()
         self.deploy = deploy
         if kernel_size in PLAIN_KERNELS:
-            self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim,
-                                    bias=deploy)
+            self.dwconv = DWConv2d(dim, kernel_size, padding=kernel_size // 2, bias=deploy)
         elif kernel_size in UNIREPLKNET_BRANCHES:
             self.dwconv = UniRepLKReparamBlock(dim, kernel_size, deploy=deploy)
         else:
@@ -199,8 +198,8 @@ class UniRepLKNetBlock(nn.Module):
             conv.weight.mul_(s.view(-1, 1, 1, 1))
         else:
             old = self.dwconv
-            conv = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size,
-                             padding=old.padding, groups=old.groups, bias=True)
+            conv = DWConv2d(old.in_channels, old.kernel_size[0], padding=old.padding[0],
+                            bias=True)
             conv.to(old.weight.device, old.weight.dtype)
             conv.weight.copy_(old.weight * s.view(-1, 1, 1, 1))
             conv.bias.copy_(t)

@@ -1,0 +1,150 @@
+"""Depthwise convolution with a faster CPU path (large kernels, training).
+
+OverLoCK (like UniRepLKNet and MogaNet) is built on large depthwise kernels: 17x17 / 15x15 /
+13x13 plus dilated re-parameterisation branches. On CPUs, PyTorch's oneDNN depthwise convolution
+has three slow spots (measured side by side, per case, by ``tools/analysis/benchmark.py
+--dwconv``; figures in docs/performance.md):
+
+1. *The weight gradient* is 10-30x slower than the forward. Here it is computed as a
+   convolution in its own right: ``grad_w[c, a, b] = sum_{n,i,j} x_pad[n, c, i + a*d, j + b*d] *
+   grad_out[n, c, i, j]`` is, per sample, a depthwise convolution of the padded input with
+   ``grad_out[n]`` as an ``H x W`` kernel (stride ``d`` = the dilation) whose output is the
+   ``k x k`` weight gradient -- a shape oneDNN runs fast. Samples are summed in a loop (one
+   grouped call over all samples was slower).
+2. *The NCHW forward with a kernel extent >= 15* leaves oneDNN's fast path (k=13: 15 ms,
+   k=15: 201 ms at ``[1, 64, 128, 208]``; channels-last: 19 ms, but slower than NCHW for small
+   kernels). Those kernels run in channels-last and the result is returned in NCHW; a 9x9
+   dilation-2 kernel (slow in both layouts) runs as its dense 17x17 equivalent.
+3. *The input gradient of dilated kernels* (oneDNN's backward-data) is slow as well; it is
+   computed as a forward convolution with the flipped kernel, through the same layout choice.
+
+Plain 3x3 kernels keep PyTorch's own backward (faster there). Everything else -- CUDA (cuDNN is
+fine), autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is plain
+``F.conv2d``. Outputs and gradients equal ``F.conv2d``'s up to float32 summation order
+(tests/test_ops_dwconv.py).
+"""
+import contextlib
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['depthwise_conv2d', 'torch_depthwise']
+
+#: oneDNN's NCHW depthwise forward leaves its fast path once the kernel's extent reaches 15
+#: (measured: k=13 15 ms, k=15 201 ms at [1, 64, 128, 208]); channels-last stays fast there.
+CHANNELS_LAST_MIN_EXTENT = 15
+_fast_cpu_path = True
+
+
+@contextlib.contextmanager
+def torch_depthwise() -> Iterator[None]:
+    """Within the block, every :func:`depthwise_conv2d` is plain ``F.conv2d`` (for benchmarks:
+    what the faster CPU path saves, side by side in one run)."""
+    global _fast_cpu_path
+    previous, _fast_cpu_path = _fast_cpu_path, False
+    try:
+        yield
+    finally:
+        _fast_cpu_path = previous
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """The convolution itself, in the layout oneDNN runs fastest for this kernel."""
+    kh, kw = weight.shape[-2:]
+    (dh, dw) = dilation
+    extent = max(dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    if min(kh, kw) >= 9 and extent >= CHANNELS_LAST_MIN_EXTENT:
+        if (dh, dw) != (1, 1):
+            # A large dilated kernel (9x9, dilation 2) is slow in both layouts; as a dense
+            # kernel with zeros between the taps it runs on the fast large-kernel path.
+            dense = weight.new_zeros(weight.shape[:2] + (dh * (kh - 1) + 1, dw * (kw - 1) + 1))
+            dense[:, :, ::dh, ::dw] = weight
+            weight, dilation = dense, (1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1]).contiguous()
+    return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1])
+
+
+def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """The transposed convolution = a forward convolution with the flipped kernel (stride 1).
+
+    Run through :func:`_forward` because oneDNN's own backward-data is slow for dilated kernels
+    (7x7 dilation 2 at [1, 64, 128, 208]: 126 ms vs 4 ms as a forward).
+    """
+    kh, kw = weight.shape[-2:]
+    full = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+    if min(full) < 0:  # padding beyond the kernel's extent: not a plain convolution any more
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], list(padding), list(dilation), False, [0, 0],
+            x.shape[1], [True, False, False])[0]
+    return _forward(grad_out, weight.flip(-1, -2), None, full, dilation)
+
+
+def _grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Size,
+                 padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    c = x.shape[1]
+    (ph, pw), (dh, dw) = padding, dilation
+    kh, kw = weight_shape[-2:]
+    x_pad = F.pad(x, (pw, pw, ph, ph))
+    # The output of each call is [1, C, kh, kw] exactly when the padding is "valid" for the
+    # kernel: H + 2p - dh * (kh - 1) == H_out, true for every stride-1 convolution.
+    grad = None
+    for n in range(x.shape[0]):
+        g = F.conv2d(x_pad[n:n + 1], grad_out[n].unsqueeze(1), None, (dh, dw), 0, 1, c)
+        grad = g if grad is None else grad + g
+    return grad[:, :, :kh, :kw].reshape(weight_shape)
+
+
+class _DepthwiseConv2dCPU(torch.autograd.Function):
+    """Forward: oneDNN (channels-last for large kernels); backward: see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
+        return _forward(x, weight, bias, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grad_input(grad_out, x, weight, ctx.padding, ctx.dilation)
+        if ctx.needs_input_grad[1]:
+            grad_w = _grad_weight(x, grad_out, weight.shape, ctx.padding, ctx.dilation)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for ``weight [C, 1, kh, kw]``.
+
+    Takes the faster CPU path (module docstring) for float32 CPU tensors at stride 1 outside
+    autocast, except plain 3x3 kernels; every other case is ``F.conv2d``.
+    """
+    c = weight.shape[0]
+    plain_3x3 = max(weight.shape[-2:]) <= 3 and _pair(dilation) == (1, 1)
+    if (_fast_cpu_path and not plain_3x3 and x.dim() == 4 and x.shape[1] == c and weight.shape[1] == 1
+            and x.device.type == 'cpu' and x.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and _pair(stride) == (1, 1) and not isinstance(padding, str)
+            and not torch.is_autocast_enabled('cpu')):
+        padding, dilation = _pair(padding), _pair(dilation)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        if needs_grad and not torch.jit.is_tracing():
+            return _DepthwiseConv2dCPU.apply(x, weight, bias, padding, dilation)
+        # inference (and tracing, e.g. FLOP counting): only the forward's layout choice matters,
+        # and it stays a plain aten convolution
+        return _forward(x, weight, bias, padding, dilation)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, c)

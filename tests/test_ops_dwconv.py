@@ -1,0 +1,65 @@
+"""overlock_mm.ops.depthwise_conv2d (faster CPU large-kernel path) equals F.conv2d: outputs and
+all three gradients, at the kernel sizes / dilations / paddings the backbones use."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from overlock_mm.layers.conv import DWConv2d
+from overlock_mm.ops.dwconv import depthwise_conv2d
+
+CASES = [  # (N, C, H, W, k, dilation, padding)
+    (1, 8, 12, 14, 5, 1, 2),
+    (1, 4, 12, 20, 3, 4, 4),       # dilated 3x3 (the plain 3x3 takes F.conv2d)
+    (2, 6, 9, 11, 5, 2, 4),        # dilated branch, 'same'
+    (2, 5, 20, 17, 7, 3, 9),
+    (3, 4, 16, 16, 13, 1, 6),
+    (2, 4, 18, 19, 15, 1, 7),      # channels-last forward from here on
+    (1, 3, 10, 12, 17, 1, 8),      # kernel larger than the map
+    (2, 4, 11, 13, 17, 1, 3),      # not 'same' padding
+    (2, 4, 21, 22, 9, 2, 8),       # dilated large kernel: run as a dense 17x17
+    (1, 3, 12, 12, 9, 2, 12),      # padding beyond the kernel's extent
+]
+
+
+@pytest.mark.parametrize('n,c,h,w,k,d,p', CASES)
+@pytest.mark.parametrize('bias', [True, False])
+def test_matches_conv2d(n, c, h, w, k, d, p, bias):
+    g = torch.Generator().manual_seed(n * 100 + k)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
+    ref_in = [t.clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ())]
+    ref = F.conv2d(ref_in[0], ref_in[1], ref_in[2] if bias else None, 1, p, d, c)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, ref_in, gy)
+
+    ours_in = [t.float().clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ())]
+    out = depthwise_conv2d(ours_in[0], ours_in[1], ours_in[2] if bias else None, 1, p, d)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad(out, ours_in, gy.float())
+    for name, got, want in zip(('input', 'weight', 'bias'), grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4, msg=name)
+
+
+def test_dispatch():
+    # float32 CPU training takes the custom path (checked against float64 F.conv2d above);
+    # inference stays a plain aten convolution (no autograd node), float64 is plain F.conv2d
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    w = torch.randn(2, 1, 5, 5, requires_grad=True)
+    out = depthwise_conv2d(x, w, None, 1, 2, 1)
+    assert type(out.grad_fn).__name__ == '_DepthwiseConv2dCPUBackward'
+    with torch.no_grad():
+        assert depthwise_conv2d(x, w, None, 1, 2, 1).grad_fn is None
+    for plain in (depthwise_conv2d(x.double(), w.double(), None, 1, 2, 1),
+                  depthwise_conv2d(x, w[..., :3, :3], None, 1, 1, 1)):
+        assert 'DepthwiseConv2dCPU' not in type(plain.grad_fn).__name__
+
+
+def test_module_keeps_conv2d_state_dict():
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    ours = DWConv2d(4, 7, padding=3)
+    ours.load_state_dict(conv.state_dict())
+    assert list(ours.state_dict()) == ['weight', 'bias']
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(ours(x), conv(x), atol=1e-5, rtol=1e-5)
