@@ -141,6 +141,12 @@ def load() -> Optional[ctypes.CDLL]:
     return _state['lib']
 
 
+def build_error() -> Optional[str]:
+    """Why the kernel is not in use (build failure or ``OVERLOCK_MM_NO_CPU_EXT``), else None."""
+    load()
+    return _state['error']
+
+
 def is_available() -> bool:
     return load() is not None
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['na2d_av', 'na2d_av_reference', 'window_start', 'relative_position_index',
-           'available_impls', 'register_impl']
+           'available_impls', 'auto_impl', 'register_impl']
 
 
 def _check_inputs(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
@@ -211,6 +211,11 @@ def register_impl(name: str, fn: Callable, devices: Tuple[str, ...] = (), first:
             order.insert(0 if first else len(order), name)
 
 
+def auto_impl(device_type: str) -> str:
+    """The implementation ``impl='auto'`` picks on a device type (``'cpu'``, ``'cuda'``)."""
+    return _AUTO_ORDER.get(device_type, ['native'])[0]
+
+
 def available_impls() -> List[str]:
     return sorted(_IMPLS)
 
@@ -232,7 +237,7 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
     """
     _check_inputs(attn, value, kernel_size)
     if impl == 'auto':
-        impl = _AUTO_ORDER.get(value.device.type, ['native'])[0]
+        impl = auto_impl(value.device.type)
     try:
         fn = _IMPLS[impl]
     except KeyError:

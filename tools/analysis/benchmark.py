@@ -72,6 +72,7 @@ if __name__ == '__main__':
     _reexec_with_malloc_env()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -79,7 +80,7 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union  # noqa: E402
 
 import torch  # noqa: E402
@@ -460,13 +461,15 @@ class ModelConfig:
     impl: str  # contmix_impl: 'auto' or 'reference'
     deploy: bool = False
     with_cp: Union[bool, Tuple[bool, ...]] = False
+    torch_dwconv: bool = False  # PyTorch's own depthwise conv instead of overlock_mm's CPU path
     batch: int = 1
     size: Tuple[int, int] = (224, 224)
     results: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        extra = (' deploy' if self.deploy else '') + cp_label(self.with_cp)
+        extra = ((' deploy' if self.deploy else '') + cp_label(self.with_cp)
+                 + (' torch-dwconv' if self.torch_dwconv else ''))
         return (f'{self.variant}-{self.task} {self.mode:5} {self.impl:9}{extra} '
                 f'b{self.batch} {self.size[1]}x{self.size[0]}')
 
@@ -480,17 +483,23 @@ def cp_label(with_cp: Union[bool, Sequence[bool]]) -> str:
 
 def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls_batch: int,
                   modes: Sequence[str] = ('infer', 'train'),
-                  cp_stages: Sequence[Tuple[bool, ...]] = ()) -> List[ModelConfig]:
+                  cp_stages: Sequence[Tuple[bool, ...]] = (),
+                  torch_dwconv: bool = False) -> List[ModelConfig]:
     """The combinations to run.
 
     Without ``full`` the reference is not re-parameterised or checkpointed (those rows cost
     minutes each on a CPU and answer no target). ``cp_stages`` adds training rows of our op
     with checkpointing at some resolutions only (``OverLoCK(with_cp=(s4, s8, s16, s32))``).
+    ``torch_dwconv`` adds, per mode, the reference run with PyTorch's own depthwise convolution:
+    the authors' network as it runs without any of our CPU paths.
     """
     configs = []
     for variant in variants:
         for task in tasks:
             kw = dict(batch=cls_batch if task == 'cls' else 1, size=MODEL_INPUTS[task])
+            if torch_dwconv:
+                configs += [ModelConfig(variant, task, mode, 'reference', torch_dwconv=True, **kw)
+                            for mode in modes]
             for impl in ('reference', 'auto') if 'infer' in modes else ():
                 for deploy in (False, True):
                     if deploy and impl == 'reference' and not full:
@@ -511,6 +520,10 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
 def bench_model(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int) -> dict:
     """Throughput and peak memory of one backbone configuration."""
     from overlock_mm import OverLoCK
+    from overlock_mm.ops.dwconv import torch_depthwise
+    if cfg.torch_dwconv:
+        with torch_depthwise():
+            return bench_model(replace(cfg, torch_dwconv=False), device, warmup, repeat)
     torch.manual_seed(0)
     model = OverLoCK(cfg.variant, layout=LAYOUT[cfg.task], contmix_impl=cfg.impl,
                      with_cp=cfg.with_cp).to(device)
@@ -545,7 +558,8 @@ def run_models(args: argparse.Namespace, device: torch.device) -> dict:
     variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])
     tasks = args.tasks or (['cls', 'det', 'seg'] if args.full else ['det'])
     cp_stages = [tuple(c == '1' for c in flags) for flags in args.cp_stages or ()]
-    configs = model_configs(variants, tasks, args.full, args.cls_batch, args.modes, cp_stages)
+    configs = model_configs(variants, tasks, args.full, args.cls_batch, args.modes, cp_stages,
+                            args.torch_dwconv)
     warmup = args.model_warmup
     repeat = args.model_repeat
     print(f'\n== Model level: backbone only, {len(configs)} configurations, warm-up {warmup}, '
@@ -564,6 +578,83 @@ def run_models(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------- targets
+def dwconv_cases(variant: str, task: str, device: torch.device) -> List[dict]:
+    """The depthwise convolutions of a training-mode backbone at a task's input size.
+
+    Read from the model itself (forward pre-hooks on every ``DWConv2d``), with how many modules
+    share each (channels, kernel, dilation, padding, map) case.
+    """
+    from overlock_mm import OverLoCK
+    from overlock_mm.layers.conv import DWConv2d
+    model = OverLoCK(variant, layout=LAYOUT[task]).to(device)
+    seen: Dict[tuple, int] = {}
+
+    def hook(mod, inputs):
+        x = inputs[0]
+        key = (x.shape[0], mod.in_channels, mod.kernel_size[0], mod.dilation[0], mod.padding[0],
+               x.shape[2], x.shape[3])
+        seen[key] = seen.get(key, 0) + 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, DWConv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1 if task != 'cls' else 4, 3, *MODEL_INPUTS[task], device=device))
+    for h in handles:
+        h.remove()
+    return [dict(batch=b, channels=c, kernel=k, dilation=d, padding=p, map=(hh, ww), count=n)
+            for (b, c, k, d, p, hh, ww), n in sorted(seen.items(), key=lambda kv: -kv[0][5])]
+
+
+def run_dwconv(args: argparse.Namespace, device: torch.device) -> dict:
+    """PyTorch's depthwise conv vs overlock_mm's (ops/dwconv.py) at the backbone's own cases."""
+    from overlock_mm.ops.dwconv import depthwise_conv2d, torch_depthwise
+    variants = args.variants or ['t']
+    tasks = args.tasks or ['det']
+    print('\n== Depthwise convolutions: torch (F.conv2d) vs ours (overlock_mm.ops.dwconv), '
+          'per case and summed over the backbone ==')
+    print(f'  {"case (B C k dil map) x modules":40} {"fwd torch":>10} {"fwd ours":>9} '
+          f'{"f+b torch":>10} {"f+b ours":>9} {"f+b ratio":>9}')
+    out = []
+    for variant in variants:
+        for task in tasks:
+            cases = dwconv_cases(variant, task, device)
+            totals = dict(fwd_torch=0., fwd_ours=0., fwdbwd_torch=0., fwdbwd_ours=0.)
+            for case in cases:
+                b, c, k, d, p = (case[key] for key in
+                                 ('batch', 'channels', 'kernel', 'dilation', 'padding'))
+                x = torch.randn(b, c, *case['map'], device=device, requires_grad=True)
+                w = (0.1 * torch.randn(c, 1, k, k, device=device)).requires_grad_()
+                gy = torch.randn_like(x)
+                res = {}
+                for name, ctx in (('torch', torch_depthwise), ('ours', contextlib.nullcontext)):
+                    def fwd():
+                        with ctx(), torch.no_grad():
+                            return depthwise_conv2d(x, w, None, 1, p, d)
+
+                    def fwdbwd():
+                        with ctx():
+                            torch.autograd.backward(depthwise_conv2d(x, w, None, 1, p, d), gy)
+                        x.grad = w.grad = None
+
+                    res['fwd_' + name] = statistics.median(
+                        time_it(fwd, device, args.warmup, args.repeat, args.min_time))
+                    res['fwdbwd_' + name] = statistics.median(
+                        time_it(fwdbwd, device, args.warmup, args.repeat, args.min_time))
+                for key in totals:
+                    totals[key] += res[key] * case['count']
+                case.update(res)
+                label = f'{b} {c} {k} d{d} {case["map"][0]}x{case["map"][1]} x{case["count"]}'
+                print(f'  {label:40} {res["fwd_torch"] * 1e3:10.2f} {res["fwd_ours"] * 1e3:9.2f} '
+                      f'{res["fwdbwd_torch"] * 1e3:10.2f} {res["fwdbwd_ours"] * 1e3:9.2f} '
+                      f'{res["fwdbwd_ours"] / res["fwdbwd_torch"]:9.3f}')
+            print(f'  {variant}-{task} all depthwise convs: forward {totals["fwd_torch"]:.3f} s -> '
+                  f'{totals["fwd_ours"]:.3f} s, forward+backward {totals["fwdbwd_torch"]:.3f} s '
+                  f'-> {totals["fwdbwd_ours"]:.3f} s '
+                  f'({totals["fwdbwd_ours"] / totals["fwdbwd_torch"]:.3f}x)')
+            out.append(dict(variant=variant, task=task, cases=cases, totals=totals))
+    return dict(results=out)
+
+
 def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> List[dict]:
     """PASS/FAIL of each issue-5 target that this run measured (worst case over cases)."""
     values: Dict[str, Tuple[float, str]] = {}
@@ -586,7 +677,8 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
         train = [c for c in models['configs'] if (c['variant'], c['task'], c['mode'], c['deploy'])
                  == ('t', 'det', 'train', False)]
         ref = next((c['results'] for c in train
-                    if c['impl'] == 'reference' and c['with_cp'] is False), None)
+                    if c['impl'] == 'reference' and c['with_cp'] is False
+                    and not c.get('torch_dwconv')), None)
         for c in train:
             if c['impl'] != 'auto' or not ref:
                 continue
@@ -643,6 +735,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ops', action='store_true', help='run the op level (default: both)')
     parser.add_argument('--models', action='store_true', help='run the model level')
+    parser.add_argument('--dwconv', action='store_true',
+                        help="run the depthwise-conv level (the backbone's own dw convs, "
+                             'torch vs ours)')
     parser.add_argument('--variants', nargs='+', choices=['xt', 't', 's', 'b'],
                         help='variants (default: t; --full: all)')
     parser.add_argument('--tasks', nargs='+', choices=['cls', 'det', 'seg'],
@@ -653,6 +748,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--cp-stages', nargs='+', metavar='FLAGS',
                         help='extra training rows of our op with checkpointing per resolution, '
                              'e.g. 1100 = with_cp=(True, True, False, False) (strides 4/8 only)')
+    parser.add_argument('--torch-dwconv', action='store_true',
+                        help='also run the reference with PyTorch\'s own depthwise convolution '
+                             '(the authors\' network without any of our CPU paths)')
     parser.add_argument('--full', action='store_true',
                         help='every variant, task and combination (hours on a CPU)')
     parser.add_argument('--quick', action='store_true',
@@ -678,8 +776,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-reexec', action='store_true',
                         help=f'do not restart with {_MMAP_ENV} (CPU peak memory less exact)')
     args = parser.parse_args(argv)
-    if not args.ops and not args.models:
-        args.ops = args.models = True
+    if not (args.ops or args.models or args.dwconv):
+        args.ops = args.models = args.dwconv = True
     quick = args.quick
     defaults = dict(repeat=3 if quick else 5, warmup=1 if quick else 2,
                     min_time=0.1 if quick else 0.5,
@@ -697,14 +795,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     import overlock_mm  # noqa: F401 - registers the ops, builds/loads the CPU kernel lazily
-    from overlock_mm.ops import neighborhood
-    ours = neighborhood._AUTO_ORDER.get(device.type, ['native'])[0]
+    from overlock_mm.ops import auto_impl
+    ours = auto_impl(device.type)
     info = machine_info(device)
     if device.type == 'cpu' and ours == 'cpu':
         from overlock_mm.ops import na2d_cpu
         info['cpu_kernel_available'] = na2d_cpu.is_available()
         if not info['cpu_kernel_available']:
-            print(f"WARNING: the 'cpu' kernel did not build ({na2d_cpu._state['error']}); "
+            print(f"WARNING: the 'cpu' kernel did not build ({na2d_cpu.build_error()}); "
                   "'cpu' rows are the 'native' implementation.")
     bw = copy_bandwidth(device)
     info['copy_bandwidth_GBps'] = bw / 1e9
@@ -718,13 +816,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f'{"n/a" if cal is None else f"{cal * 200:.1f} MB"}')
     t0 = time.perf_counter()
     ops = run_ops(args, device, bw, ours) if args.ops else None
+    dwconv = run_dwconv(args, device) if args.dwconv else None
     models = run_models(args, device) if args.models else None
     targets = evaluate_targets(ops, models, ours)
     info['wall_s'] = time.perf_counter() - t0
     if hasattr(os, 'getloadavg'):
         info['loadavg_end'] = os.getloadavg()
     print(f'\ntotal {info["wall_s"]:.0f} s; load average at end {info.get("loadavg_end")}')
-    report = dict(machine=info, args=vars(args), ops=ops, models=models, targets=targets)
+    report = dict(machine=info, args=vars(args), ops=ops, dwconv=dwconv, models=models,
+                  targets=targets)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:
