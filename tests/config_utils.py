@@ -70,11 +70,12 @@ def build_model(cfg: Config):
     return model
 
 
-def _det_batch(h, w, n=1):
+def _det_batch(h, w, n=1, num_classes=80):
     # one image: the cascade RoI heads (3 x 4conv1fc on 512 sampled / 1000 test RoIs per image)
     # cost the same at any input size and dominate a CPU step
     from mmdet.testing import demo_mm_inputs
-    return demo_mm_inputs(batch_size=n, image_shapes=(3, h, w), with_mask=True, num_classes=80)
+    return demo_mm_inputs(batch_size=n, image_shapes=(3, h, w), with_mask=True,
+                           num_classes=num_classes)
 
 
 def _seg_batch(h, w, n=2, num_classes=150):
@@ -90,12 +91,12 @@ def _seg_batch(h, w, n=2, num_classes=150):
     return dict(inputs=inputs, data_samples=samples)
 
 
-def _cls_batch(h, w, n=2):
+def _cls_batch(h, w, n=2, num_classes=1000):
     from mmpretrain.structures import DataSample
     rng = np.random.RandomState(0)
     return dict(
         inputs=[torch.from_numpy(rng.randint(0, 255, (3, h, w), dtype=np.uint8)) for _ in range(n)],
-        data_samples=[DataSample().set_gt_label(i) for i in range(n)])
+        data_samples=[DataSample().set_gt_label(i % num_classes) for i in range(n)])
 
 
 #: default scope -> (batch builder, small input size)
@@ -103,11 +104,22 @@ BATCHES = {'mmdet': (_det_batch, (224, 256)), 'mmseg': (_seg_batch, (128, 160)),
            'mmpretrain': (_cls_batch, (96, 96))}
 
 
+def num_classes(cfg: Config) -> int:
+    """The class count of the config's heads (labels of the small batch must stay below it)."""
+    model = cfg.model
+    if cfg.default_scope == 'mmdet':
+        head = model.roi_head.bbox_head
+        return (head[0] if isinstance(head, list) else head).num_classes
+    if cfg.default_scope == 'mmseg':
+        return model.decode_head.num_classes
+    return model.head.num_classes
+
+
 def small_batch(cfg: Config):
     make, (h, w) = BATCHES[cfg.default_scope]
     if cfg.default_scope == 'mmseg':
         cfg.model.data_preprocessor.size = (h, w)
-    return make(h, w)
+    return make(h, w, num_classes=num_classes(cfg))
 
 
 def train_and_infer(cfg: Config):

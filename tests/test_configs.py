@@ -49,4 +49,4 @@ def test_config_trains_and_infers(path):
     elif scope == 'mmseg':
         assert all(p.pred_sem_seg.data.shape[-2:] == (128, 160) for p in preds)
     else:
-        assert all(p.pred_score.shape == (1000,) for p in preds)
+        assert all(p.pred_score.shape == (cfg.model.head.num_classes,) for p in preds)

@@ -1,11 +1,14 @@
 # CPU demo: the real ImageNet recipe (overlock-xt_8xb256_in1k.py: mixup/cutmix, RandAugment,
 # random erasing, label smoothing, aux-head loss, EMA) on the synthetic image-folder set of
-# tools/demo/generate_data.py (3 classes; the 1000-way head is kept). Changed: data root, image
-# scale (128 px), schedule (a few hundred iterations from scratch; the EMA horizon scaled with
-# it; drop path, a regulariser for 300-epoch runs, off), fp32 instead of AMP on CPU.
+# tools/demo/generate_data.py. Changed: data root and classes (3: the head's and the mixup/cutmix
+# one-hot class count follow the dataset, as for any custom dataset), image scale (128 px),
+# schedule (a few hundred iterations from scratch; the EMA horizon scaled with it; drop path, a
+# regulariser for 300-epoch runs, off), fp32 instead of AMP on CPU.
 _base_ = '../mmpretrain/overlock-xt_8xb256_in1k.py'
 
 data_root = 'data/demo/cls/'
+num_classes = 3
+data_preprocessor = dict(num_classes=num_classes)
 bgr_mean = [103.53, 116.28, 123.675]
 bgr_std = [57.375, 57.12, 58.395]
 train_pipeline = [
@@ -39,7 +42,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='Accuracy', topk=(1,))
 test_evaluator = val_evaluator
 
-model = dict(backbone=dict(drop_path_rate=0.0))
+model = dict(backbone=dict(drop_path_rate=0.0), head=dict(num_classes=num_classes))
 max_iters = 200
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)

@@ -5,16 +5,22 @@
   ``annotations/{training,validation}/*.png``, label 0 = "other", reduce_zero_label semantics);
 * ``cls/``: an image-folder classification set (``{train,val}/<class>/*.png``).
 
-Shapes are large, flat-coloured objects on a textured background: easy to learn in minutes on
-CPU, yet non-trivial (random colour, size, position, rotation, partial overlaps).
+Shapes are large, flat-coloured objects on a grey textured background. Each class has its own
+hue family (circles reddish, squares greenish, triangles bluish; brightness, saturation and hue
+jittered per object) on top of its shape, so that a network trained from scratch -- no ImageNet
+weights offline -- learns them within a few hundred CPU iterations; size, position, rotation and
+the number of objects still vary.
 
     python tools/demo/generate_data.py --out data/demo [--num-train 64 --num-val 16 --size 256]
 """
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import List, Tuple
+
+import colorsys
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,8 +42,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> List[Tu
              cy + r * math.sin(start + 2 * math.pi * i / n)) for i in range(n)]
 
 
+# Hue (degrees) of each class; every object jitters it by up to +-HUE_JITTER degrees.
+CLASS_HUES = {'circle': 0., 'square': 120., 'triangle': 230.}
+HUE_JITTER = 20.
+
+
+def _colour(rng: np.random.RandomState, kind: str) -> Tuple[int, int, int]:
+    hue = (CLASS_HUES[kind] + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360 / 360
+    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
 def _background(rng: np.random.RandomState, size: int) -> Image.Image:
-    base = rng.randint(40, 200, size=3)
+    # low-saturation grey: the class hues stand out from it
+    base = rng.randint(60, 190) + rng.randint(-8, 9, size=3)
     noise = rng.randint(-25, 25, size=(size, size, 3))
     grad = np.linspace(-20, 20, size)[None, :, None]
     img = np.clip(base[None, None] + noise + grad, 0, 255).astype(np.uint8)
@@ -53,7 +71,7 @@ def _sample_objects(rng, size: int, max_objects: int):
             # keep objects mostly apart so that every instance stays visible
             if all(math.hypot(cx - o[1], cy - o[2]) > 0.8 * (r + o[3]) for o in objs):
                 kind = SHAPES[rng.randint(len(SHAPES))]
-                colour = tuple(int(c) for c in rng.randint(0, 256, size=3))
+                colour = _colour(rng, kind)
                 objs.append((kind, cx, cy, r, rng.uniform(0, 2 * math.pi), colour))
                 break
     return objs
@@ -123,13 +141,15 @@ def make_cls(out: Path, num_train: int, num_val: int, size: int, seed: int = 2) 
             img = _background(rng, size)
             r = rng.uniform(0.25, 0.4) * size
             cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-            colour = tuple(int(c) for c in rng.randint(0, 256, size=3))
+            colour = _colour(rng, kind)
             ImageDraw.Draw(img).polygon(
                 _polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=colour)
             (out / split / kind).mkdir(parents=True, exist_ok=True)
             img.save(out / split / kind / f'{i:05d}.png')
 
 
+#: bump when the rendering changes, so that existing demo data is regenerated
+DATA_VERSION = 2
 MAKERS = {'coco': make_coco, 'ade': make_ade, 'cls': make_cls}
 
 
@@ -138,9 +158,12 @@ def generate(out, tasks=('coco', 'ade', 'cls'), num_train=64, num_val=16, size=2
     out = Path(out)
     for task in tasks:
         target = out / task
-        marker = target / f'.done_{num_train}_{num_val}_{size}'
+        marker = target / f'.done_v{DATA_VERSION}_{num_train}_{num_val}_{size}'
         if marker.exists():
             continue
+        # a different version / size: start from an empty folder (stale images would otherwise
+        # stay in the image-folder set)
+        shutil.rmtree(target, ignore_errors=True)
         MAKERS[task](target, num_train, num_val, size)
         marker.touch()
 

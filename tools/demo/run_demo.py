@@ -42,6 +42,9 @@ def parse_args():
     parser.add_argument('--num-train', type=int, default=64)
     parser.add_argument('--num-val', type=int, default=16)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--init-backbone', metavar='CKPT',
+                        help='initialise the backbone from a checkpoint (e.g. the cls demo\'s, as '
+                             'ImageNet weights initialise the real recipes)')
     return parser.parse_args()
 
 
@@ -105,6 +108,8 @@ def main():
     _set_data_root(cfg, data_root / task['data'])
     if args.iters:
         _set_iters(cfg, args.iters)
+    if args.init_backbone:
+        cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=args.init_backbone)
     cfg = adapt_to_cpu(cfg, 'none')
     runner = Runner.from_cfg(cfg)
     runner.train()
