@@ -1,0 +1,39 @@
+"""The benchmark harness runs end to end (smallest settings) and reports what it measured.
+
+Not a timing test: it asserts only on structure and on the numerical cross-check the harness
+makes itself (every implementation's forward equals the reference within 1e-4)."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location('olk_benchmark',
+                                                  ROOT / 'tools/analysis/benchmark.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ops_and_dwconv_levels(tmp_path):
+    bench = load_benchmark()
+    out = tmp_path / 'bench.json'
+    report = bench.main(['--ops', '--dwconv', '--quick', '--variants', 'xt', '--tasks', 'cls',
+                         '--cls-batch', '1', '--min-time', '0', '--threads', '1',
+                         '--no-reexec', '--json', str(out)])
+    saved = json.loads(out.read_text())
+    assert saved['machine']['copy_bandwidth_GBps'] > 0
+    cases = report['ops']['cases']
+    assert cases and all({'reference', 'dwconv'} <= set(c['impls']) for c in cases)
+    for c in cases:
+        for name, r in c['impls'].items():
+            assert r['fwd_s'] > 0 and r['fwdbwd_s'] > 0, (c['name'], name)
+            if name != 'dwconv':
+                assert r['max_abs_err_fwd'] <= 1e-4, (c['name'], name, r['max_abs_err_fwd'])
+    dw = report['dwconv']['results'][0]
+    # XT's depthwise convs at 224: the large 17x17 kernels of stride 4 are among them
+    assert any(c['kernel'] == 17 for c in dw['cases'])
+    assert all(c[k] > 0 for c in dw['cases']
+               for k in ('fwd_torch', 'fwd_ours', 'fwdbwd_torch', 'fwdbwd_ours'))
