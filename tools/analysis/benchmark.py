@@ -18,6 +18,11 @@ read from ``OverLoCK.arch_settings`` / ``DynamicConvBlock``. Every case is compa
   bandwidth measured in the same run (``dst.copy_(src)`` of a 256 MB tensor into a preallocated,
   warmed buffer; read + write bytes counted).
 
+Depthwise-conv level (``--dwconv``): every depthwise convolution of the training-mode backbone
+(read from the model with forward hooks, with its input size) timed with PyTorch's ``F.conv2d``
+and with ``overlock_mm.ops.depthwise_conv2d`` (forward, forward+backward), summed over the
+backbone.
+
 Model level (``--models``): inference and training-step throughput and peak memory of the
 backbones at classification (224), detection (1344x800, batch 1) and segmentation (512x512)
 sizes, with our fast op (``contmix_impl='auto'``) against the ``F.unfold`` formulation
@@ -45,7 +50,8 @@ Usage::
 The default run is: op level for OverLoCK-T at all three task sizes (both ContMix kernels, all
 implementations), and model level OverLoCK-T detection (1344x800, batch 1) inference
 (reference, ours, ours re-parameterised) and training steps (reference, ours, ours +
-``with_cp=True``), which the targets need. ``--full`` runs every variant (xt, t, s, b), task
+``with_cp=True``, ours + ``with_cp=(True, False, False, False)``), which the targets need, plus the depthwise-conv level of the OverLoCK-T
+detection backbone. ``--full`` runs every variant (xt, t, s, b), task
 (cls, det, seg) and combination (reference re-parameterised and checkpointed too); on a CPU it
 takes hours and the larger variants' reference training steps need > 20 GB of memory at
 detection size. On a machine shared with other jobs, ``--threads 1`` avoids the oversubscription
@@ -745,9 +751,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--impls', nargs='+', help='restrict the op-level implementations')
     parser.add_argument('--modes', nargs='+', choices=['infer', 'train'],
                         default=['infer', 'train'], help='model-level modes (default: both)')
-    parser.add_argument('--cp-stages', nargs='+', metavar='FLAGS',
+    parser.add_argument('--cp-stages', nargs='*', metavar='FLAGS', default=['1000'],
                         help='extra training rows of our op with checkpointing per resolution, '
-                             'e.g. 1100 = with_cp=(True, True, False, False) (strides 4/8 only)')
+                             'e.g. 1100 = with_cp=(True, True, False, False) (strides 4/8 only); '
+                             'default 1000 (the configuration that meets both step targets); '
+                             'pass the flag alone for none')
     parser.add_argument('--torch-dwconv', action='store_true',
                         help='also run the reference with PyTorch\'s own depthwise convolution '
                              '(the authors\' network without any of our CPU paths)')
