@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .neighborhood import lean_av_function
+
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
 _FLAG_SETS = (
     ['-O3', '-march=native', '-mprefer-vector-width=512'],
@@ -202,24 +204,8 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
     return gvalue
 
 
-class _CpuNeighborhoodAV(torch.autograd.Function):
-    """Saves ``attn`` and ``value`` only; both gradients come from the C++ kernel."""
-
-    @staticmethod
-    def forward(ctx, attn, value, kernel_size):
-        ctx.save_for_backward(attn, value)
-        ctx.kernel_size = kernel_size
-        return forward(attn, value, kernel_size)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        attn, value = ctx.saved_tensors
-        k = ctx.kernel_size
-        grad_out = grad_out.to(value.dtype).contiguous()
-        ga = grad_attn(grad_out, value, k) if ctx.needs_input_grad[0] else None
-        gv = grad_value(grad_out, attn, k) if ctx.needs_input_grad[1] else None
-        return ga, gv, None
+# Saves ``attn`` and ``value`` only; both gradients come from the C++ kernel.
+_CpuNeighborhoodAV = lean_av_function('_CpuNeighborhoodAV', forward, grad_attn, grad_value)
 
 
 def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .neighborhood import lean_av_function
+
 #: pixels per program (flattened ``H * W``); a multiple of the 32-thread warp.
 BLOCK_P = 64
 #: upper bound of channels per forward / grad_value program; ``D`` is padded to a power of two
@@ -277,24 +279,8 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
     return gvalue
 
 
-class _TritonNeighborhoodAV(torch.autograd.Function):
-    """Saves ``attn`` and ``value`` only; both gradients come from the Triton kernels."""
-
-    @staticmethod
-    def forward(ctx, attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        ctx.save_for_backward(attn, value)
-        ctx.kernel_size = kernel_size
-        return forward(attn, value, kernel_size)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        attn, value = ctx.saved_tensors
-        k = ctx.kernel_size
-        grad_out = grad_out.to(value.dtype).contiguous()
-        ga = grad_attn(grad_out, value, k) if ctx.needs_input_grad[0] else None
-        gv = grad_value(grad_out, attn, k) if ctx.needs_input_grad[1] else None
-        return ga, gv, None
+# Saves ``attn`` and ``value`` only; both gradients come from the Triton kernels.
+_TritonNeighborhoodAV = lean_av_function('_TritonNeighborhoodAV', forward, grad_attn, grad_value)
 
 
 def can_run(device: torch.device) -> bool:

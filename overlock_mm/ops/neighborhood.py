@@ -165,6 +165,33 @@ class _NeighborhoodAV(torch.autograd.Function):
         return grad_attn, grad_value, None
 
 
+def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
+                     grad_value: Callable) -> type:
+    """An autograd function for a kernel-backed implementation (``'cpu'``, ``'triton'``).
+
+    It saves ``attn`` and ``value`` only and calls ``forward(attn, value, k)``,
+    ``grad_attn(grad_out, value, k)`` and ``grad_value(grad_out, attn, k)``. ``name`` becomes the
+    class name, which is what traced graphs (FLOP counting) show as ``PythonOp.<name>``.
+    """
+    def fwd(ctx, attn, value, kernel_size):
+        ctx.save_for_backward(attn, value)
+        ctx.kernel_size = kernel_size
+        return forward(attn, value, kernel_size)
+
+    @torch.autograd.function.once_differentiable
+    def bwd(ctx, grad_out):
+        attn, value = ctx.saved_tensors
+        k = ctx.kernel_size
+        grad_out = grad_out.to(value.dtype).contiguous()
+        ga = grad_attn(grad_out, value, k) if ctx.needs_input_grad[0] else None
+        gv = grad_value(grad_out, attn, k) if ctx.needs_input_grad[1] else None
+        return ga, gv, None
+
+    return type(name, (torch.autograd.Function,),
+                dict(forward=staticmethod(fwd), backward=staticmethod(bwd),
+                     __doc__=f'{name}: saves attn and value only (lean_av_function).'))
+
+
 def _na2d_av_native(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     dtype = _compute_dtype(attn, value)
     attn, value = attn.to(dtype).contiguous(), value.to(dtype).contiguous()
