@@ -78,6 +78,23 @@ def test_output_shapes(layout):
     assert [tuple(o.shape) for o in outs] == [
         (1, 16, 24, 32), (1, 32, 12, 16), (1, 88, 6, 8), (1, 120, 3, 4), (1, 96, 3, 4)]
     assert model.out_channels == [16, 32, 88, 120, 96]
+    # NCHW memory, not just NCHW shape: LayerNorm2d permutes leave channels-last strides
+    assert all(o.is_contiguous() for o in outs)
+
+
+def test_outputs_feed_mmcv_roi_align():
+    """mmcv's RoIAlign reads the feature map's raw memory as NCHW. On channels-last strided maps
+    it pools garbage (the heads of every detector then cannot learn); torchvision's roi_align
+    makes its input contiguous first, so the two agree only on a properly laid-out map."""
+    mmcv_ops = pytest.importorskip('mmcv.ops')
+    torchvision = pytest.importorskip('torchvision')
+    model = tiny(layout='det').eval()
+    with torch.no_grad():
+        feat = model(torch.randn(2, 3, 96, 128))[0]
+        rois = torch.tensor([[0, 4., 6., 60., 70.], [1, 30., 2., 120., 90.]])
+        ours = mmcv_ops.RoIAlign(7, 0.25, 0, aligned=True)(feat, rois)
+        expected = torchvision.ops.roi_align(feat.contiguous(), rois, 7, 0.25, 0, True)
+    torch.testing.assert_close(ours, expected)
 
 
 @pytest.mark.parametrize('size', [(32, 32), (64, 96), (40, 200), (257, 129)])

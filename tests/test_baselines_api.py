@@ -151,6 +151,7 @@ def test_moganet_outputs():
     assert model.out_channels == [16, 16, 24, 32]
     assert [o.shape[1] for o in moga(out_indices=(-1, 1)).eval()(torch.randn(1, 3, 32, 32))] \
         == [16, 32]
+    assert all(o.is_contiguous() for o in outs)  # NCHW memory: see test_backbone_api
 
 
 def test_unireplknet_outputs():
@@ -159,6 +160,7 @@ def test_unireplknet_outputs():
         outs = model(torch.randn(2, 3, 64, 96))
     assert [tuple(o.shape) for o in outs] == [(2, 8, 16, 24), (2, 16, 8, 12), (2, 24, 4, 6),
                                              (2, 32, 2, 3)]
+    assert all(o.is_contiguous() for o in outs)  # NCHW memory: see test_backbone_api
     with torch.no_grad():
         (pooled,) = unirep(layout='cls').eval()(torch.randn(2, 3, 64, 64))
     assert pooled.shape == (2, 32)

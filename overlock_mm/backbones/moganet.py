@@ -204,7 +204,7 @@ class MogaNet(BaseModule):
                     x = blk(x)
             x = getattr(self, f'norm{i + 1}')(x)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(x.contiguous())  # NCHW-contiguous: see OverLoCK.forward
         return tuple(outs)
 
     # ------------------------------------------------------------------- training behaviour

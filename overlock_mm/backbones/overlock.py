@@ -302,7 +302,9 @@ class OverLoCK(BaseModule):
                 x = x + self.h_proj(self.extra_norm[4](overview))
         outs[3] = x
         outs[4] = overview
-        return tuple(outs[i] for i in self.out_indices)
+        # NCHW-contiguous outputs: LayerNorm2d's permutes leave channels-last strides behind, and
+        # consumers that read raw memory (mmcv's RoIAlign, CPU and CUDA) silently misread those
+        return tuple(outs[i].contiguous() for i in self.out_indices)
 
     # ------------------------------------------------------------------- training behaviour
     def _stage_modules(self) -> List[List[nn.Module]]:

@@ -244,7 +244,8 @@ class UniRepLKNet(BaseModule):
                 else:
                     x = blk(x)
             if self.layout == 'dense' and i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x))
+                # NCHW-contiguous: see OverLoCK.forward
+                outs.append(getattr(self, f'norm{i}')(x).contiguous())
         if self.layout == 'cls':
             outs.append(self.norm(x.mean(dim=(-2, -1))))
         return tuple(outs)
