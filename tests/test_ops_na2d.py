@@ -40,8 +40,8 @@ def from_ours(out):
 CASES = [
     (3, 3, 3), (3, 4, 5), (5, 5, 6), (5, 6, 5), (7, 7, 9), (7, 8, 7), (5, 11, 6), (13, 13, 14),
     (13, 14, 20), (1, 3, 4),
-    # wide rows: SIMD kernels vectorise along W (up to 16 fp32 lanes) and treat the r border
-    # columns separately, so rows much wider than 2r + lanes must be covered too
+    # wide rows: SIMD kernels vectorise along W (up to 16 fp32 lanes) in tiles, border tiles
+    # (clamped windows) and interior tiles differ, so rows much wider than 2r + lanes are covered
     (3, 5, 41), (7, 9, 45), (13, 15, 61),
 ]
 
@@ -69,6 +69,24 @@ def test_forward_float32_tolerance(impl, k, H, W, D):
     expected = brute_force_av(attn.double(), v.double(), k)
     out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
     assert (out.double() - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('k,H,W,D', [(5, 7, 9, 8), (7, 9, 12, 16), (13, 15, 40, 16),
+                                     (13, 14, 20, 24)])
+def test_float32_gradients(impl, k, H, W, D):
+    # float32 has twice float64's SIMD lanes: rows narrower than a vector (9, 12 < 16), rows of
+    # one border-only tile and wide rows take different kernel paths than in float64
+    attn, v = make(1, 2, D, H, W, k, dtype=torch.float32, seed=3)
+    g = torch.randn(1, 2, H, W, D, generator=torch.Generator().manual_seed(4))
+    a1, v1 = attn.double().requires_grad_(), v.double().requires_grad_()
+    (brute_force_av(a1, v1, k) * g.double()).sum().backward()
+    a2, v2 = (t.contiguous().requires_grad_() for t in to_ours(attn, v))
+    out = from_ours(na2d_av(a2, v2, k, impl=impl))
+    (out * g).sum().backward()
+    assert (out.double() - brute_force_av(attn.double(), v.double(), k)).abs().max() < 1e-5
+    assert (a2.grad.permute(0, 1, 3, 4, 2).double() - a1.grad).abs().max() < 1e-4
+    assert (v2.grad.permute(0, 1, 3, 4, 2).double() - v1.grad).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize('impl', IMPLS)

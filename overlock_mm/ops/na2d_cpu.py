@@ -45,8 +45,8 @@ _state = {'lib': None, 'tried': False, 'error': None}
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGS = {
-    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
-    'grad_attn': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+    'forward': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+    'grad_attn': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
     'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
 }
 _SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
@@ -158,6 +158,12 @@ def _dims(value: torch.Tensor):
     return b * g, d, h, w
 
 
+def _padded_rows(value: torch.Tensor, lanes: int) -> torch.Tensor:
+    # every row padded by one vector of zeros: the kernels' whole-vector loads of a row never
+    # leave the buffer (border tiles permute a load that starts at the clamped window)
+    return F.pad(value, (0, lanes)).contiguous()
+
+
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     """Raw forward on contiguous float32/float64 CPU tensors (no autograd)."""
     lib = load()
@@ -165,12 +171,9 @@ def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     lanes = getattr(lib, f'na2d_lanes_{suf}')()
     bg, d, h, w = _dims(value)
     out = torch.empty_like(value)
-    dp = -(-d // lanes) * lanes
-    # Channels-last copy of value for the per-pixel (border) path, channels padded to vectors.
-    vt = F.pad(value.permute(0, 1, 3, 4, 2), (0, dp - d)).contiguous()
-    getattr(lib, f'na2d_forward_{suf}')(attn.data_ptr(), value.data_ptr(), vt.data_ptr(),
-                                       out.data_ptr(), bg, d, h, w, k, dp,
-                                       torch.get_num_threads())
+    vp = _padded_rows(value, lanes)
+    getattr(lib, f'na2d_forward_{suf}')(attn.data_ptr(), vp.data_ptr(), out.data_ptr(), bg, d, h,
+                                       w, k, w + lanes, torch.get_num_threads())
     return out
 
 
@@ -180,10 +183,9 @@ def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tens
     lanes = getattr(lib, f'na2d_lanes_{suf}')()
     b, g, d, h, w = value.shape
     gattn = value.new_empty((b, g, k * k, h, w))
-    vp = F.pad(value, (0, lanes)).contiguous()  # rows padded for whole-vector tap loads
-    getattr(lib, f'na2d_grad_attn_{suf}')(grad_out.data_ptr(), value.data_ptr(), vp.data_ptr(),
-                                         gattn.data_ptr(), b * g, d, h, w, k, w + lanes,
-                                         torch.get_num_threads())
+    vp = _padded_rows(value, lanes)
+    getattr(lib, f'na2d_grad_attn_{suf}')(grad_out.data_ptr(), vp.data_ptr(), gattn.data_ptr(),
+                                         b * g, d, h, w, k, w + lanes, torch.get_num_threads())
     return gattn
 
 

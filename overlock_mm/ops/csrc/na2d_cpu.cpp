@@ -9,12 +9,13 @@
 // s(i) = clamp(i - r, 0, L - k).  Tap t = a * k + b of pixel (i, j) reads value at
 // (s(i) + a, s(j) + b).
 //
-// Vectorisation is along W ("lanes" = one SIMD register of T).  A pixel j is *interior* when
-// r <= j < W - r: there s(j) = j - r, so a tile of consecutive interior pixels reads consecutive
-// value columns for every tap -- one unaligned vector load per FMA, with the per-tap attention
-// vector loaded once per channel chunk.  Border pixels (and whole rows of maps narrower than
-// 2r + lanes) take a per-pixel path vectorised along the channel (forward) or tap (grad_attn)
-// axis instead.
+// Vectorisation is along W ("lanes" = one SIMD register of T), in tiles of `lanes` pixels.
+// On an interior tile (every pixel r <= j < W - r, so s(j) = j - r) each tap reads consecutive
+// value columns: one unaligned vector load per FMA, with the per-tap attention vector loaded
+// once per channel chunk.  On a border tile the window start is clamped for some lanes, but
+// s(j0 + l) - s(j0) is still a fixed per-tile index vector, so the same load followed by one
+// permute serves all L pixels (no per-pixel path; maps narrower than a vector are one partial
+// tile).  Value is read from a copy whose rows are padded by one vector, so no load leaves it.
 //
 // grad_value is computed as a *gather* over the inverse neighbourhood (no scatter, no atomics):
 // the rows i whose window contains source row p form a contiguous range, and along W every
@@ -30,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -72,6 +74,38 @@ inline Vec<T> bcast(T x) {
   return v;
 }
 
+// Integer vector of the same lane count (permute indices).
+template <typename T>
+struct IVecOf {
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  typedef I type __attribute__((vector_size(kVecBytes)));
+};
+template <typename T>
+using IVec = typename IVecOf<T>::type;
+
+// y[l] = x[idx[l]]: one vpermps / vpermpd on AVX-512 (GCC's variable shuffle; other compilers
+// get the lane loop).
+template <typename T>
+inline Vec<T> permute(const Vec<T>& x, const IVec<T>& idx) {
+#if defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(x, idx);
+#else
+  Vec<T> y;
+  for (int l = 0; l < lanes<T>(); ++l) y[l] = x[idx[l]];
+  return y;
+#endif
+}
+
+// First n (< lanes) elements only, the rest zero / untouched: rows shorter than a vector.
+template <typename T>
+inline Vec<T> loadn(const T* p, int n) {
+  Vec<T> v{};
+  std::memcpy(&v, p, sizeof(T) * n);
+  return v;
+}
+template <typename T>
+inline void storen(T* p, const Vec<T>& v, int n) { std::memcpy(p, &v, sizeof(T) * n); }
+
 inline int64_t window_start(int64_t i, int64_t len, int k) {
   int64_t s = i - k / 2;
   if (s > len - k) s = len - k;
@@ -108,58 +142,51 @@ struct Geo {
   int64_t HW() const { return H * W; }
 };
 
-// Interior tiles of a row: starts of `lanes`-wide tiles covering [r, W - r); the last one may
-// overlap its predecessor (outputs are stored, not accumulated, so recomputing is harmless).
-// Pixels not covered (borders, or every pixel when the interior is narrower than a tile) go to
-// `rest`.
-void plan_row(const Geo& g, int L, std::vector<int64_t>& tiles, std::vector<int64_t>& rest) {
-  tiles.clear();
-  rest.clear();
-  const int64_t lo = g.r, hi = g.W - g.r;
-  if (hi - lo >= L) {
-    for (int64_t j = lo; j + L <= hi; j += L) tiles.push_back(j);
-    if ((hi - lo) % L) tiles.push_back(hi - L);
-    for (int64_t j = 0; j < lo; ++j) rest.push_back(j);
-    for (int64_t j = hi; j < g.W; ++j) rest.push_back(j);
-  } else {
-    for (int64_t j = 0; j < g.W; ++j) rest.push_back(j);
-  }
-}
-
 // Rows are processed in pairs (i, i + 1): consecutive rows read mostly the same value rows (their
 // windows start at s and s or s + 1), so every value vector loaded feeds two FMAs.  MASK says
 // which of the two rows use the current source row (bit 0: row i, bit 1: row i + 1).
 constexpr int kRowsPerTask = 8;
 
 // ------------------------------------------------------------------------------------ forward
-// out[c][i][j0 + l] = sum_{a,b} attn[a*k+b][i][j0+l] * value[c][s(i)+a][j0 + l - r + b]
-// A -> attn[0][i][j0], V -> value[c0][0][j0 - r], O -> out[c0][i][j0]; PF -> attn of the tile
+// out[c][i][j] = sum_{a,b} attn[a*k+b][i][j] * value[c][s(i)+a][s(j)+b] for a tile of L consecutive
+// pixels j = j0 + l.  Within a tile, s(j0 + l) = s(j0) + idx[l] with idx non-decreasing in 0..L-1:
+// the identity on interior tiles, flat where the window is clamped at a border.  So for every tap
+// one vector load of value (from the row-padded copy VP, [D][H][WP], WP = W + L: loads never leave
+// the buffer) at column s(j0) + b, permuted by idx on border tiles, feeds L pixels -- borders cost
+// one permute per load instead of a per-pixel path.
+//   MODE 0: interior tile; 1: border tile (permute); 2: narrow map, W < L (permute, and the
+//   attention / output rows are W long: partial loads and stores).
+// A -> attn[0][i][j0], VR -> VP[c0][0][s(j0)], O -> out[c0][i][j0]; PF -> attn of the tile
 // computed next (software prefetch: the k*k taps of a tile are k*k separate streams, more than
-// the hardware prefetchers track), or null.
+// the hardware prefetchers track), or null.  Rows are processed in pairs (see kRowsPerTask).
 template <typename T, int DC>
 struct FwdChunk {
-  template <int MASK>
+  template <int MASK, int MODE>
   static inline void taps(Vec<T> (&acc)[2][DC], const T* __restrict a0, const T* __restrict a1,
-                          const T* __restrict vr, const T* pf0, const T* pf1, int64_t HW, int k) {
+                          const T* __restrict vr, const T* pf0, const T* pf1, int64_t HW,
+                          int64_t HWP, int k, const IVec<T>& idx, int n) {
     for (int b = 0; b < k; ++b) {
       Vec<T> x0{}, x1{};
-      if (MASK & 1) x0 = loadu(a0 + b * HW);
-      if (MASK & 2) x1 = loadu(a1 + b * HW);
+      if (MASK & 1) x0 = MODE == 2 ? loadn(a0 + b * HW, n) : loadu(a0 + b * HW);
+      if (MASK & 2) x1 = MODE == 2 ? loadn(a1 + b * HW, n) : loadu(a1 + b * HW);
       if (pf0) {
         if (MASK & 1) __builtin_prefetch(pf0 + b * HW);
         if (MASK & 2) __builtin_prefetch(pf1 + b * HW);
       }
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
-        const Vec<T> v = loadu(vr + c * HW + b);
+        Vec<T> v = loadu(vr + c * HWP + b);
+        if (MODE) v = permute<T>(v, idx);
         if (MASK & 1) acc[0][c] += x0 * v;
         if (MASK & 2) acc[1][c] += x1 * v;
       }
     }
   }
 
-  static void run(const T* A, const T* V, T* O, int64_t HW, int64_t W, int k, int nrows,
-                  int64_t s0, int64_t s1, const T* PF) {
+  template <int MODE>
+  static void run(const T* A, const T* VR, T* O, int64_t HW, int64_t W, int64_t HWP, int64_t WP,
+                  int k, int nrows, int64_t s0, int64_t s1, const T* PF, const IVec<T>& idx,
+                  int n) {
     Vec<T> acc[2][DC];
 #pragma GCC unroll 16
     for (int c = 0; c < DC; ++c) acc[0][c] = acc[1][c] = Vec<T>{};
@@ -172,72 +199,50 @@ struct FwdChunk {
       const T* q0 = PF && v0 ? PF + a0 * k * HW : nullptr;
       const T* q1 = PF && v1 ? PF + W + a1 * k * HW : q0;
       if (!q0) q0 = q1;
-      const T* vr = V + s * W;
-      if (v0 && v1) taps<3>(acc, p0, p1, vr, q0, q1, HW, k);
-      else if (v0) taps<1>(acc, p0, p1, vr, q0, q1, HW, k);
-      else taps<2>(acc, p0, p1, vr, q0, q1, HW, k);
+      const T* vr = VR + s * WP;
+      if (v0 && v1) taps<3, MODE>(acc, p0, p1, vr, q0, q1, HW, HWP, k, idx, n);
+      else if (v0) taps<1, MODE>(acc, p0, p1, vr, q0, q1, HW, HWP, k, idx, n);
+      else taps<2, MODE>(acc, p0, p1, vr, q0, q1, HW, HWP, k, idx, n);
     }
+    for (int u = 0; u < nrows; ++u) {
 #pragma GCC unroll 16
-    for (int c = 0; c < DC; ++c) storeu(O + c * HW, acc[0][c]);
-    if (nrows == 2) {
-#pragma GCC unroll 16
-      for (int c = 0; c < DC; ++c) storeu(O + W + c * HW, acc[1][c]);
+      for (int c = 0; c < DC; ++c) {
+        if (MODE == 2) storen(O + u * W + c * HW, acc[u][c], n);
+        else storeu(O + u * W + c * HW, acc[u][c]);
+      }
     }
   }
 };
 
-// Per-pixel path, vectorised over channels: `VT` is value in channels-last layout
-// [H][W][DP] (DP = D rounded up to whole vectors, zero padded).  Eight pixels at a time keep
-// eight independent FMA chains in flight.
-template <typename T>
-void fwd_pixels(const T* __restrict A, const T* __restrict VT, T* __restrict O, const Geo& g,
-                int64_t DP, int64_t i, int64_t si, const int64_t* js, int n) {
-  constexpr int L = lanes<T>();
-  constexpr int P = 8;
-  const int64_t HW = g.HW();
-  const int k = g.k;
-  for (int p0 = 0; p0 < n; p0 += P) {
-    int64_t j[P], sj[P];
-    for (int u = 0; u < P; ++u) {
-      j[u] = js[std::min(p0 + u, n - 1)];
-      sj[u] = window_start(j[u], g.W, k);
-    }
-    for (int64_t d0 = 0; d0 < g.D; d0 += L) {
-      Vec<T> acc[P];
-      for (int u = 0; u < P; ++u) acc[u] = Vec<T>{};
-      for (int a = 0; a < k; ++a) {
-        const T* vrow = VT + (si + a) * g.W * DP + d0;
-        for (int b = 0; b < k; ++b) {
-          const T* ap = A + (int64_t)(a * k + b) * HW + i * g.W;
-#pragma GCC unroll 8
-          for (int u = 0; u < P; ++u) acc[u] += bcast(ap[j[u]]) * loadu(vrow + (sj[u] + b) * DP);
-        }
-      }
-      const int nd = (int)std::min<int64_t>(L, g.D - d0);
-      for (int u = 0; u < P && p0 + u < n; ++u)
-        for (int l = 0; l < nd; ++l) O[(d0 + l) * HW + i * g.W + j[u]] = acc[u][l];
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------- grad attn
-// gattn[a*k+b][i][j] = sum_c grad_out[c][i][j] * value[c][s(i)+a][s(j)+b]
-// G -> grad_out[c0][i][j0], V -> value[c0][0][j0 - r], GA -> gattn[0][i][j0], PF -> gattn of
-// the next tile (prefetched for writing) or null.
+// gattn[a*k+b][i][j] = sum_c grad_out[c][i][j] * value[c][s(i)+a][s(j)+b], by the forward's tiles
+// (same MODEs: value vectors from the row-padded VP, permuted by idx on border tiles).
+// G -> grad_out[c0][i][j0], VR -> VP[c0][0][s(j0)], GA -> gattn[0][i][j0], PF -> gattn of the
+// next tile (prefetched for writing) or null.  Channel chunks after the first accumulate.
 template <typename T, int DC>
 struct GattnChunk {
   static constexpr int U = 4;  // taps in flight per row: independent accumulation chains
 
-  template <int MASK>
+  template <int MODE>
+  static inline Vec<T> load(const T* p, int n) { return MODE == 2 ? loadn(p, n) : loadu(p); }
+  template <int MODE>
+  static inline void store(T* p, const Vec<T>& v, int n) {
+    if (MODE == 2) storen(p, v, n);
+    else storeu(p, v);
+  }
+
+  template <int MASK, int MODE>
   static inline void taps(const Vec<T> (&gv)[2][DC], T* __restrict ga0, T* __restrict ga1,
-                          const T* __restrict vr, T* pf0, T* pf1, int64_t HW, int k, bool first) {
+                          const T* __restrict vr, T* pf0, T* pf1, int64_t HW, int64_t HWP, int k,
+                          bool first, const IVec<T>& idx, int n) {
     int b = 0;
     for (; b + U <= k; b += U) {
       Vec<T> acc[2][U];
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        acc[0][u] = (MASK & 1) && !first ? loadu(ga0 + (b + u) * HW) : Vec<T>{};
-        acc[1][u] = (MASK & 2) && !first ? loadu(ga1 + (b + u) * HW) : Vec<T>{};
+        acc[0][u] = (MASK & 1) && !first ? load<MODE>(ga0 + (b + u) * HW, n) : Vec<T>{};
+        acc[1][u] = (MASK & 2) && !first ? load<MODE>(ga1 + (b + u) * HW, n) : Vec<T>{};
       }
       if (pf0) {
 #pragma GCC unroll 4
@@ -248,41 +253,45 @@ struct GattnChunk {
       }
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
-        const T* vp = vr + c * HW + b;
+        const T* vp = vr + c * HWP + b;
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
-          const Vec<T> v = loadu(vp + u);
+          Vec<T> v = loadu(vp + u);
+          if (MODE) v = permute<T>(v, idx);
           if (MASK & 1) acc[0][u] += gv[0][c] * v;
           if (MASK & 2) acc[1][u] += gv[1][c] * v;
         }
       }
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        if (MASK & 1) storeu(ga0 + (b + u) * HW, acc[0][u]);
-        if (MASK & 2) storeu(ga1 + (b + u) * HW, acc[1][u]);
+        if (MASK & 1) store<MODE>(ga0 + (b + u) * HW, acc[0][u], n);
+        if (MASK & 2) store<MODE>(ga1 + (b + u) * HW, acc[1][u], n);
       }
     }
     for (; b < k; ++b) {
-      Vec<T> acc0 = (MASK & 1) && !first ? loadu(ga0 + b * HW) : Vec<T>{};
-      Vec<T> acc1 = (MASK & 2) && !first ? loadu(ga1 + b * HW) : Vec<T>{};
+      Vec<T> acc0 = (MASK & 1) && !first ? load<MODE>(ga0 + b * HW, n) : Vec<T>{};
+      Vec<T> acc1 = (MASK & 2) && !first ? load<MODE>(ga1 + b * HW, n) : Vec<T>{};
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
-        const Vec<T> v = loadu(vr + c * HW + b);
+        Vec<T> v = loadu(vr + c * HWP + b);
+        if (MODE) v = permute<T>(v, idx);
         if (MASK & 1) acc0 += gv[0][c] * v;
         if (MASK & 2) acc1 += gv[1][c] * v;
       }
-      if (MASK & 1) storeu(ga0 + b * HW, acc0);
-      if (MASK & 2) storeu(ga1 + b * HW, acc1);
+      if (MASK & 1) store<MODE>(ga0 + b * HW, acc0, n);
+      if (MASK & 2) store<MODE>(ga1 + b * HW, acc1, n);
     }
   }
 
-  static void run(const T* G, const T* V, T* GA, int64_t HW, int64_t W, int k, int nrows,
-                  int64_t s0, int64_t s1, T* PF, bool first) {
+  template <int MODE>
+  static void run(const T* G, const T* VR, T* GA, int64_t HW, int64_t W, int64_t HWP, int64_t WP,
+                  int k, int nrows, int64_t s0, int64_t s1, T* PF, bool first,
+                  const IVec<T>& idx, int n) {
     Vec<T> gv[2][DC];
 #pragma GCC unroll 16
     for (int c = 0; c < DC; ++c) {
-      gv[0][c] = loadu(G + c * HW);
-      gv[1][c] = nrows == 2 ? loadu(G + W + c * HW) : Vec<T>{};
+      gv[0][c] = load<MODE>(G + c * HW, n);
+      gv[1][c] = nrows == 2 ? load<MODE>(G + W + c * HW, n) : Vec<T>{};
     }
     const int64_t shi = (nrows == 2 ? s1 : s0) + k;
     for (int64_t s = s0; s < shi; ++s) {
@@ -293,47 +302,13 @@ struct GattnChunk {
       T* q0 = PF && v0 ? PF + a0 * k * HW : nullptr;
       T* q1 = PF && v1 ? PF + W + a1 * k * HW : q0;
       if (!q0) q0 = q1;
-      const T* vr = V + s * W;
-      if (v0 && v1) taps<3>(gv, p0, p1, vr, q0, q1, HW, k, first);
-      else if (v0) taps<1>(gv, p0, p1, vr, q0, q1, HW, k, first);
-      else taps<2>(gv, p0, p1, vr, q0, q1, HW, k, first);
+      const T* vr = VR + s * WP;
+      if (v0 && v1) taps<3, MODE>(gv, p0, p1, vr, q0, q1, HW, HWP, k, first, idx, n);
+      else if (v0) taps<1, MODE>(gv, p0, p1, vr, q0, q1, HW, HWP, k, first, idx, n);
+      else taps<2, MODE>(gv, p0, p1, vr, q0, q1, HW, HWP, k, first, idx, n);
     }
   }
 };
-
-// Per-pixel path, vectorised over the taps b of one tap row: `VP` is value with every row
-// padded by a vector's worth of zeros on the right ([D][H][WP]).
-template <typename T>
-void gattn_pixels(const T* __restrict G, const T* __restrict VP, T* __restrict GA, const Geo& g,
-                  int64_t WP, int64_t i, int64_t si, const int64_t* js, int n) {
-  constexpr int L = lanes<T>();
-  constexpr int P = 4;
-  const int64_t HW = g.HW(), HWP = g.H * WP;
-  const int k = g.k;
-  for (int p0 = 0; p0 < n; p0 += P) {
-    int64_t j[P], sj[P];
-    for (int u = 0; u < P; ++u) {
-      j[u] = js[std::min(p0 + u, n - 1)];
-      sj[u] = window_start(j[u], g.W, k);
-    }
-    for (int a = 0; a < k; ++a) {
-      for (int b0 = 0; b0 < k; b0 += L) {
-        Vec<T> acc[P];
-        for (int u = 0; u < P; ++u) acc[u] = Vec<T>{};
-        for (int64_t c = 0; c < g.D; ++c) {
-          const T* vrow = VP + c * HWP + (si + a) * WP + b0;
-          const T* grow = G + c * HW + i * g.W;
-#pragma GCC unroll 4
-          for (int u = 0; u < P; ++u) acc[u] += bcast(grow[j[u]]) * loadu(vrow + sj[u]);
-        }
-        const int nb = std::min(L, k - b0);
-        for (int u = 0; u < P && p0 + u < n; ++u)
-          for (int l = 0; l < nb; ++l)
-            GA[(int64_t)(a * k + b0 + l) * HW + i * g.W + j[u]] = acc[u][l];
-      }
-    }
-  }
-}
 
 // --------------------------------------------------------------------------------- grad value
 // Source rows p (and p + 1).  GPAD -> grad_out[c0][0][0] of [D][H][WG], column j stored at
@@ -421,81 +396,123 @@ inline std::vector<std::pair<int64_t, int>> channel_chunks(int64_t D) {
 // Tasks: blocks of kRowsPerTask rows of one group, walked in pairs.
 inline int64_t num_tasks(const Geo& g) { return g.BG * ((g.H + kRowsPerTask - 1) / kRowsPerTask); }
 
+// Tile kernels K<T, DC>::run<MODE> (forward, grad_attn): channel chunk and tile MODE are
+// template parameters, picked here at run time.
+template <typename T, template <typename, int> class K, int MODE, typename... Args>
+void dispatch_chunk_mode(int dc, Args... args) {
+  switch (dc) {
+    case 8: K<T, 8>::template run<MODE>(args...); break;
+    case 4: K<T, 4>::template run<MODE>(args...); break;
+    case 2: K<T, 2>::template run<MODE>(args...); break;
+    case 1: K<T, 1>::template run<MODE>(args...); break;
+    default: break;
+  }
+}
+template <typename T, template <typename, int> class K, typename... Args>
+void dispatch_tile(int dc, int mode, Args... args) {
+  if (mode == 0) dispatch_chunk_mode<T, K, 0>(dc, args...);
+  else if (mode == 1) dispatch_chunk_mode<T, K, 1>(dc, args...);
+  else dispatch_chunk_mode<T, K, 2>(dc, args...);
+}
+
+// Tiles of a row for the forward and grad_attn kernels: L pixels starting at min(t * L, W - L)
+// (the last one overlaps its predecessor: the overlap is recomputed and stored again, never
+// accumulated), or one narrow tile at 0 when W < L.  idx[t][l] = s(j0 + l) - s(j0).
+struct RowTile {
+  int64_t j0, s;  // first pixel, its window start
+  int mode;       // 0 interior, 1 border, 2 narrow (see FwdChunk)
+};
+
 template <typename T>
-void forward_impl(const T* attn, const T* value, const T* vt, T* out, const Geo& g, int64_t DP,
-                  int nthreads) {
+int plan_tiles(const Geo& g, std::vector<RowTile>& tiles, std::vector<IVec<T>>& idx) {
   constexpr int L = lanes<T>();
-  const int64_t HW = g.HW(), T2 = (int64_t)g.k * g.k;
-  std::vector<int64_t> tiles, rest;
-  plan_row(g, L, tiles, rest);
+  const int n = (int)std::min<int64_t>(L, g.W);
+  for (int64_t t = 0; t * L < g.W; ++t) {
+    const int64_t j0 = std::max<int64_t>(0, std::min<int64_t>(t * L, g.W - L));
+    const int64_t s = window_start(j0, g.W, g.k);
+    IVec<T> ix{};
+    bool identity = true;
+    for (int l = 0; l < n; ++l) {
+      ix[l] = (typename IVecOf<T>::I)(window_start(j0 + l, g.W, g.k) - s);
+      identity = identity && ix[l] == l;
+    }
+    tiles.push_back({j0, s, g.W < L ? 2 : identity ? 0 : 1});
+    idx.push_back(ix);
+  }
+  return n;
+}
+
+template <typename T>
+void forward_impl(const T* attn, const T* vp, T* out, const Geo& g, int64_t WP, int nthreads) {
+  const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
+  std::vector<RowTile> tiles;
+  std::vector<IVec<T>> idx;
+  const int n = plan_tiles<T>(g, tiles, idx);
   const auto chunks = channel_chunks(g.D);
   const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
   parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
     const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
     const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
     const T* A = attn + bg * T2 * HW;
-    const T* V = value + bg * g.D * HW;
+    const T* V = vp + bg * g.D * HWP;
     T* O = out + bg * g.D * HW;
     for (int64_t i = i_begin; i < i_end; i += 2) {
       const int nrows = (int)std::min<int64_t>(2, i_end - i);
       const int64_t s0 = window_start(i, g.H, g.k);
       const int64_t s1 = nrows == 2 ? window_start(i + 1, g.H, g.k) : s0;
       for (size_t t = 0; t < tiles.size(); ++t) {
-        const int64_t j0 = tiles[t];
-        const T* pf = t + 1 < tiles.size() ? A + i * g.W + tiles[t + 1]
-                      : (i + 2 < i_end && !tiles.empty()) ? A + (i + 2) * g.W + tiles[0]
-                                                          : nullptr;
+        const RowTile& tile = tiles[t];
+        const T* pf = t + 1 < tiles.size() ? A + i * g.W + tiles[t + 1].j0
+                      : i + 2 < i_end ? A + (i + 2) * g.W + tiles[0].j0 : nullptr;
         bool first = true;
         for (auto& ch : chunks) {
-          dispatch_chunk<T, FwdChunk>(ch.second, A + i * g.W + j0, V + ch.first * HW + j0 - g.r,
-                                      O + ch.first * HW + i * g.W + j0, HW, g.W, g.k, nrows, s0,
-                                      s1, first ? pf : (const T*)nullptr);
+          const T* a = A + i * g.W + tile.j0;
+          const T* vr = V + ch.first * HWP + tile.s;
+          T* o = O + ch.first * HW + i * g.W + tile.j0;
+          const T* p = first ? pf : (const T*)nullptr;
+          dispatch_tile<T, FwdChunk>(ch.second, tile.mode, a, vr, o, HW, g.W, HWP, WP, g.k,
+                                     nrows, s0, s1, p, idx[t], n);
           first = false;
         }
       }
-      if (!rest.empty())
-        for (int u = 0; u < nrows; ++u)
-          fwd_pixels<T>(A, vt + bg * g.H * g.W * DP, O, g, DP, i + u, u ? s1 : s0, rest.data(),
-                        (int)rest.size());
     }
   });
 }
 
 template <typename T>
-void grad_attn_impl(const T* grad_out, const T* value, const T* vp, T* gattn, const Geo& g,
-                    int64_t WP, int nthreads) {
-  constexpr int L = lanes<T>();
-  const int64_t HW = g.HW(), T2 = (int64_t)g.k * g.k;
-  std::vector<int64_t> tiles, rest;
-  plan_row(g, L, tiles, rest);
+void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int64_t WP,
+                    int nthreads) {
+  const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
+  std::vector<RowTile> tiles;
+  std::vector<IVec<T>> idx;
+  const int n = plan_tiles<T>(g, tiles, idx);
   const auto chunks = channel_chunks(g.D);
   const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
   parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
     const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
     const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
     const T* G = grad_out + bg * g.D * HW;
-    const T* V = value + bg * g.D * HW;
+    const T* V = vp + bg * g.D * HWP;
     T* GA = gattn + bg * T2 * HW;
     for (int64_t i = i_begin; i < i_end; i += 2) {
       const int nrows = (int)std::min<int64_t>(2, i_end - i);
       const int64_t s0 = window_start(i, g.H, g.k);
       const int64_t s1 = nrows == 2 ? window_start(i + 1, g.H, g.k) : s0;
       for (size_t t = 0; t < tiles.size(); ++t) {
-        const int64_t j0 = tiles[t];
-        T* pf = t + 1 < tiles.size() ? GA + i * g.W + tiles[t + 1]
-                : (i + 2 < i_end && !tiles.empty()) ? GA + (i + 2) * g.W + tiles[0] : nullptr;
+        const RowTile& tile = tiles[t];
+        T* pf = t + 1 < tiles.size() ? GA + i * g.W + tiles[t + 1].j0
+                : i + 2 < i_end ? GA + (i + 2) * g.W + tiles[0].j0 : nullptr;
         bool first = true;
         for (auto& ch : chunks) {
-          dispatch_chunk<T, GattnChunk>(ch.second, G + ch.first * HW + i * g.W + j0,
-                                        V + ch.first * HW + j0 - g.r, GA + i * g.W + j0, HW, g.W,
-                                        g.k, nrows, s0, s1, first ? pf : (T*)nullptr, first);
+          const T* gp = G + ch.first * HW + i * g.W + tile.j0;
+          const T* vr = V + ch.first * HWP + tile.s;
+          T* ga = GA + i * g.W + tile.j0;
+          T* p = first ? pf : (T*)nullptr;
+          dispatch_tile<T, GattnChunk>(ch.second, tile.mode, gp, vr, ga, HW, g.W, HWP, WP, g.k,
+                                       nrows, s0, s1, p, first, idx[t], n);
           first = false;
         }
       }
-      if (!rest.empty())
-        for (int u = 0; u < nrows; ++u)
-          gattn_pixels<T>(G, vp + bg * g.D * g.H * WP, GA, g, WP, i + u, u ? s1 : s0,
-                          rest.data(), (int)rest.size());
     }
   });
 }
@@ -602,16 +619,15 @@ extern "C" {
 // Geometry: BG = batch * groups, D channels per group, H x W map, odd k <= min(H, W).
 #define NA2D_EXPORT(T, SUF)                                                                    \
   int na2d_lanes_##SUF() { return lanes<T>(); }                                               \
-  void na2d_forward_##SUF(const T* attn, const T* value, const T* vt, T* out, int64_t BG,     \
-                          int64_t D, int64_t H, int64_t W, int k, int64_t DP, int nthreads) { \
+  void na2d_forward_##SUF(const T* attn, const T* vp, T* out, int64_t BG, int64_t D,        \
+                          int64_t H, int64_t W, int k, int64_t WP, int nthreads) {           \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    forward_impl<T>(attn, value, vt, out, g, DP, nthreads);                                  \
+    forward_impl<T>(attn, vp, out, g, WP, nthreads);                                         \
   }                                                                                          \
-  void na2d_grad_attn_##SUF(const T* grad_out, const T* value, const T* vp, T* gattn,        \
-                            int64_t BG, int64_t D, int64_t H, int64_t W, int k, int64_t WP,  \
-                            int nthreads) {                                                  \
+  void na2d_grad_attn_##SUF(const T* grad_out, const T* vp, T* gattn, int64_t BG, int64_t D, \
+                            int64_t H, int64_t W, int k, int64_t WP, int nthreads) {         \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    grad_attn_impl<T>(grad_out, value, vp, gattn, g, WP, nthreads);                          \
+    grad_attn_impl<T>(grad_out, vp, gattn, g, WP, nthreads);                                 \
   }                                                                                          \
   void na2d_grad_value_##SUF(const T* attn, const T* grad_out, const T* gpad, T* gvalue,     \
                              int64_t BG, int64_t D, int64_t H, int64_t W, int k, int64_t WG, \
