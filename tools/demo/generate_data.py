@@ -9,7 +9,7 @@ Shapes are large, flat-coloured objects on a grey textured background. Each clas
 hue family (circles reddish, squares greenish, triangles bluish; brightness, saturation and hue
 jittered per object) on top of its shape, so that a network trained from scratch -- no ImageNet
 weights offline -- learns them within a few hundred CPU iterations; size, position, rotation and
-the number of objects still vary.
+the number of objects (1-5 per detection image, 1-3 per segmentation image) still vary.
 
     python tools/demo/generate_data.py --out data/demo [--num-train 64 --num-val 16 --size 256]
 """
@@ -89,14 +89,15 @@ def _render(rng, size, max_objects):
     return img, polys
 
 
-def make_coco(out: Path, num_train: int, num_val: int, size: int, seed: int = 0) -> None:
+def make_coco(out: Path, num_train: int, num_val: int, size: int, seed: int = 0,
+              max_objects: int = 5) -> None:
     rng = np.random.RandomState(seed)
     categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(SHAPES)]
     for split, n in (('train', num_train), ('val', num_val)):
         (out / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(n):
-            img, polys = _render(rng, size, max_objects=3)
+            img, polys = _render(rng, size, max_objects)
             name = f'{split}_{i:05d}.png'
             img.save(out / split / name)
             images.append(dict(id=i + 1, file_name=name, width=size, height=size))
@@ -149,7 +150,7 @@ def make_cls(out: Path, num_train: int, num_val: int, size: int, seed: int = 2) 
 
 
 #: bump when the rendering changes, so that existing demo data is regenerated
-DATA_VERSION = 2
+DATA_VERSION = 3
 MAKERS = {'coco': make_coco, 'ade': make_ade, 'cls': make_cls}
 
 

@@ -24,11 +24,13 @@ sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
 from generate_data import generate  # noqa: E402
 
 TASKS = {
+    # detection: 256 training images, so that 300 iterations x 2 images rarely repeat one
     'det': dict(config='configs/demo/cascade-mask-rcnn_overlock-xt_demo.py', data='coco',
+                num_train=256,
                 metrics=('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50')),
-    'seg': dict(config='configs/demo/upernet_overlock-xt_demo.py', data='ade',
+    'seg': dict(config='configs/demo/upernet_overlock-xt_demo.py', data='ade', num_train=64,
                 metrics=('mIoU', 'aAcc')),
-    'cls': dict(config='configs/demo/overlock-xt_demo.py', data='cls',
+    'cls': dict(config='configs/demo/overlock-xt_demo.py', data='cls', num_train=64,
                 metrics=('accuracy/top1',)),
 }
 
@@ -39,7 +41,8 @@ def parse_args():
     parser.add_argument('--data-root', default='data/demo', help='where the synthetic data goes')
     parser.add_argument('--work-dir', help='defaults to work_dirs/demo_<task>')
     parser.add_argument('--iters', type=int, help='override the number of training iterations')
-    parser.add_argument('--num-train', type=int, default=64)
+    parser.add_argument('--num-train', type=int,
+                        help='training images to generate (default: 256 det, 64 seg / cls)')
     parser.add_argument('--num-val', type=int, default=16)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--init-backbone', metavar='CKPT',
@@ -94,7 +97,8 @@ def main():
     task = TASKS[args.task]
     data_root = Path(args.data_root)
     t0 = time.time()
-    generate(data_root, tasks=(task['data'],), num_train=args.num_train, num_val=args.num_val)
+    generate(data_root, tasks=(task['data'],), num_train=args.num_train or task['num_train'],
+             num_val=args.num_val)
 
     from mmengine.config import Config
     from mmengine.runner import Runner
