@@ -96,6 +96,17 @@ inline Vec<T> permute(const Vec<T>& x, const IVec<T>& idx) {
 #endif
 }
 
+// A value vector feeds two FMAs (two output rows). Left alone, GCC folds the load into both
+// FMAs, i.e. loads it twice -- and these loads, unaligned, are what the tile loops are bound by.
+// The empty asm pins the vector in a register (no code emitted).
+template <typename T>
+inline Vec<T> in_register(Vec<T> v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
 // First n (< lanes) elements only, the rest zero / untouched: rows shorter than a vector.
 template <typename T>
 inline Vec<T> loadn(const T* p, int n) {
@@ -176,7 +187,7 @@ struct FwdChunk {
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
         Vec<T> v = loadu(vr + c * HWP + b);
-        if (MODE) v = permute<T>(v, idx);
+        v = in_register<T>(MODE ? permute<T>(v, idx) : v);
         if (MASK & 1) acc[0][c] += x0 * v;
         if (MASK & 2) acc[1][c] += x1 * v;
       }
@@ -257,7 +268,7 @@ struct GattnChunk {
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
           Vec<T> v = loadu(vp + u);
-          if (MODE) v = permute<T>(v, idx);
+          v = in_register<T>(MODE ? permute<T>(v, idx) : v);
           if (MASK & 1) acc[0][u] += gv[0][c] * v;
           if (MASK & 2) acc[1][u] += gv[1][c] * v;
         }
@@ -274,7 +285,7 @@ struct GattnChunk {
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
         Vec<T> v = loadu(vr + c * HWP + b);
-        if (MODE) v = permute<T>(v, idx);
+        v = in_register<T>(MODE ? permute<T>(v, idx) : v);
         if (MASK & 1) acc0 += gv[0][c] * v;
         if (MASK & 2) acc1 += gv[1][c] * v;
       }
@@ -330,7 +341,7 @@ struct GvalueChunk {
       if (MASK & 2) x1 = loadu(ap1 + b * WG + off);
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
-        const Vec<T> gvec = loadu(gp + c * HWG + off);
+        const Vec<T> gvec = in_register<T>(loadu(gp + c * HWG + off));
         if (MASK & 1) acc[0][c] += x0 * gvec;
         if (MASK & 2) acc[1][c] += x1 * gvec;
       }
