@@ -408,7 +408,7 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     return result
 
 
-def run_ops(args: argparse.Namespace, device: torch.device, bandwidth: float, ours: str) -> dict:
+def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
     """Op-level benchmark over the selected cases; prints one table per case."""
     from overlock_mm.ops import available_impls
     # Device-bound implementations fall back to 'native' elsewhere: list them on their device only
@@ -431,12 +431,17 @@ def run_ops(args: argparse.Namespace, device: torch.device, bandwidth: float, ou
           f'{"max|err|":>9}')
     results = []
     for case in cases:
+        # The copy bandwidth of a shared VM drifts (9-15 GB/s within minutes here): each case's
+        # roofline uses a bandwidth measured right before it, not the one from the run's start.
+        case_bw = copy_bandwidth(device)
         r = bench_op_case(case, impls, device, args.warmup, args.repeat, args.ref_repeat,
-                          bandwidth, args.min_time)
+                          case_bw, args.min_time)
+        r['copy_bandwidth_GBps'] = case_bw / 1e9
         r['loadavg_after'] = _loadavg()
         results.append(r)
         print(f'{case.name}: fwd moves {r["bytes_fwd"] / 1e6:.1f} MB -> roofline '
-              f'{r["roofline_fwd_s"] * 1e3:.3f} ms; fwd+bwd {r["roofline_fwdbwd_s"] * 1e3:.3f} ms')
+              f'{r["roofline_fwd_s"] * 1e3:.3f} ms at {case_bw / 1e9:.1f} GB/s; fwd+bwd '
+              f'{r["roofline_fwdbwd_s"] * 1e3:.3f} ms')
         print(hdr)
         ref = r['impls'].get('reference')
         for name, m in r['impls'].items():
@@ -823,7 +828,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f'peak memory: {info["memory_method"]}; calibration 200 MB -> '
           f'{"n/a" if cal is None else f"{cal * 200:.1f} MB"}')
     t0 = time.perf_counter()
-    ops = run_ops(args, device, bw, ours) if args.ops else None
+    ops = run_ops(args, device, ours) if args.ops else None
     dwconv = run_dwconv(args, device) if args.dwconv else None
     models = run_models(args, device) if args.models else None
     targets = evaluate_targets(ops, models, ours)
