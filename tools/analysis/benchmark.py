@@ -15,8 +15,8 @@ read from ``OverLoCK.arch_settings`` / ``DynamicConvBlock``. Every case is compa
   vendor-tuned), and
 * the memory roofline: the bytes that must move (forward: attn + value read, out written;
   backward: grad_out + attn + value read, grad_attn + grad_value written) over the copy
-  bandwidth measured in the same run (``dst.copy_(src)`` of a 256 MB tensor into a preallocated,
-  warmed buffer; read + write bytes counted).
+  bandwidth measured right before each case (``dst.copy_(src)`` of a 256 MB tensor into a
+  preallocated, warmed buffer; read + write bytes counted).
 
 Depthwise-conv level (``--dwconv``): every depthwise convolution of the training-mode backbone
 (read from the model with forward hooks, with its input size) timed with PyTorch's ``F.conv2d``

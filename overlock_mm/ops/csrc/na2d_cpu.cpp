@@ -67,12 +67,6 @@ inline Vec<T> loadu(const T* p) {
 }
 template <typename T>
 inline void storeu(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof(v)); }
-template <typename T>
-inline Vec<T> bcast(T x) {
-  Vec<T> v;
-  for (int l = 0; l < lanes<T>(); ++l) v[l] = x;
-  return v;
-}
 
 // Integer vector of the same lane count (permute indices).
 template <typename T>
