@@ -40,8 +40,9 @@ def from_ours(out):
 CASES = [
     (3, 3, 3), (3, 4, 5), (5, 5, 6), (5, 6, 5), (7, 7, 9), (7, 8, 7), (5, 11, 6), (13, 13, 14),
     (13, 14, 20), (1, 3, 4),
-    # wide rows: SIMD kernels vectorise along W (up to 16 fp32 lanes) in tiles, border tiles
-    # (clamped windows) and interior tiles differ, so rows much wider than 2r + lanes are covered
+    # wide rows: the CPU kernels work in blocks / tiles of up to 16 pixels of a row, border
+    # blocks (clamped windows) and interior blocks differ, so rows much wider than 2r + 16 are
+    # covered
     (3, 5, 41), (7, 9, 45), (13, 15, 61),
 ]
 
@@ -69,6 +70,28 @@ def test_forward_float32_tolerance(impl, k, H, W, D):
     expected = brute_force_av(attn.double(), v.double(), k)
     out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
     assert (out.double() - expected).abs().max() < 1e-5
+
+
+# The CPU forward has a compiled block kernel per k in (3, 5, 7, 9, 11, 13) and block position
+# (row start, interior, row end; 16 pixels a block with AVX-512), used where W >= 16 + k // 2,
+# and a generic path otherwise.  Per k: the narrowest map of the compiled path, one whose last
+# interior block is shifted left (W not a multiple of 16), and the detection stage-3 width;
+# channel counts below, at and above one vector (zero-padded channel vectors).
+BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
+               for w, d in ((16 + k // 2, 16), (45, 10), (84, 24))] + [(13, 21, 16), (15, 40, 16)]
+
+
+@pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('k,W,D', BLOCK_CASES)
+def test_forward_block_kernels(impl, dtype, k, W, D):
+    H = k + 3
+    attn, v = make(1, 2, D, H, W, k, dtype=dtype, seed=k + W)
+    expected = brute_force_av(attn.double(), v.double(), k)
+    with torch.no_grad():
+        out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (out.double() - expected).abs().max() < tol
 
 
 @pytest.mark.parametrize('impl', IMPLS)

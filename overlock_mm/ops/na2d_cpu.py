@@ -45,7 +45,7 @@ _state = {'lib': None, 'tried': False, 'error': None}
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGS = {
-    'forward': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+    'forward': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _int],
     'grad_attn': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
     'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
 }
@@ -168,12 +168,10 @@ def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     """Raw forward on contiguous float32/float64 CPU tensors (no autograd)."""
     lib = load()
     suf = _SUFFIX[value.dtype]
-    lanes = getattr(lib, f'na2d_lanes_{suf}')()
     bg, d, h, w = _dims(value)
     out = torch.empty_like(value)
-    vp = _padded_rows(value, lanes)
-    getattr(lib, f'na2d_forward_{suf}')(attn.data_ptr(), vp.data_ptr(), out.data_ptr(), bg, d, h,
-                                       w, k, w + lanes, torch.get_num_threads())
+    getattr(lib, f'na2d_forward_{suf}')(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d,
+                                       h, w, k, torch.get_num_threads())
     return out
 
 

@@ -1,7 +1,8 @@
 // Neighbourhood aggregation (ContMix "AV", NATTEN 0.17 clamped windows) for CPUs.
 //
-// Plain C++17 without torch headers, so it compiles in seconds and is called through ctypes
-// (see ../na2d_cpu.py for the build, the cache and the autograd wiring).  Layouts (contiguous):
+// Plain C++17 without torch headers (GCC/Clang vector extensions, no intrinsics), called
+// through ctypes (see ../na2d_cpu.py for the build, the cache and the autograd wiring).
+// Layouts (contiguous):
 //
 //   attn  [BG][T = k*k][H][W]     value / out / grad_out  [BG][D][H][W]
 //
@@ -9,13 +10,17 @@
 // s(i) = clamp(i - r, 0, L - k).  Tap t = a * k + b of pixel (i, j) reads value at
 // (s(i) + a, s(j) + b).
 //
-// Vectorisation is along W ("lanes" = one SIMD register of T), in tiles of `lanes` pixels.
+// forward: vectorised over channels, in blocks of kPix pixels of a row whose window offsets are
+// compile-time constants (interior blocks, and the blocks at the two ends of a row whose windows
+// are clamped); see FwdBlock.
+//
+// grad_attn: vectorised along W ("lanes" = one SIMD register of T), in tiles of `lanes` pixels.
 // On an interior tile (every pixel r <= j < W - r, so s(j) = j - r) each tap reads consecutive
-// value columns: one unaligned vector load per FMA, with the per-tap attention vector loaded
-// once per channel chunk.  On a border tile the window start is clamped for some lanes, but
-// s(j0 + l) - s(j0) is still a fixed per-tile index vector, so the same load followed by one
-// permute serves all L pixels (no per-pixel path; maps narrower than a vector are one partial
-// tile).  Value is read from a copy whose rows are padded by one vector, so no load leaves it.
+// value columns: one unaligned vector load per FMA.  On a border tile the window start is clamped
+// for some lanes, but s(j0 + l) - s(j0) is still a fixed per-tile index vector, so the same load
+// followed by one permute serves all L pixels (no per-pixel path; maps narrower than a vector are
+// one partial tile).  Value is read from a copy whose rows are padded by one vector, so no load
+// leaves it.
 //
 // grad_value is computed as a *gather* over the inverse neighbourhood (no scatter, no atomics):
 // the rows i whose window contains source row p form a contiguous range, and along W every
@@ -24,8 +29,9 @@
 // source columns q is a plain shifted sum.  The r border pixels on each side share one window
 // (starting at 0 or W - k) and are added separately.
 //
-// Work is split over (group, row) tasks handed out by an atomic counter to std::threads, so a
-// descheduled thread on a shared machine does not stall the others at a barrier.
+// Work is split over tasks ((group, rows) for the gradients, groups for the forward) handed out
+// by an atomic counter to std::threads, so a descheduled thread on a shared machine does not
+// stall the others at a barrier.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -153,76 +159,152 @@ struct Geo {
 constexpr int kRowsPerTask = 8;
 
 // ------------------------------------------------------------------------------------ forward
-// out[c][i][j] = sum_{a,b} attn[a*k+b][i][j] * value[c][s(i)+a][s(j)+b] for a tile of L consecutive
-// pixels j = j0 + l.  Within a tile, s(j0 + l) = s(j0) + idx[l] with idx non-decreasing in 0..L-1:
-// the identity on interior tiles, flat where the window is clamped at a border.  So for every tap
-// one vector load of value (from the row-padded copy VP, [D][H][WP], WP = W + L: loads never leave
-// the buffer) at column s(j0) + b, permuted by idx on border tiles, feeds L pixels -- borders cost
-// one permute per load instead of a per-pixel path.
-//   MODE 0: interior tile; 1: border tile (permute); 2: narrow map, W < L (permute, and the
-//   attention / output rows are W long: partial loads and stores).
-// A -> attn[0][i][j0], VR -> VP[c0][0][s(j0)], O -> out[c0][i][j0]; PF -> attn of the tile
-// computed next (software prefetch: the k*k taps of a tile are k*k separate streams, more than
-// the hardware prefetchers track), or null.  Rows are processed in pairs (see kRowsPerTask).
-template <typename T, int DC>
-struct FwdChunk {
-  template <int MASK, int MODE>
-  static inline void taps(Vec<T> (&acc)[2][DC], const T* __restrict a0, const T* __restrict a1,
-                          const T* __restrict vr, const T* pf0, const T* pf1, int64_t HW,
-                          int64_t HWP, int k, const IVec<T>& idx, int n) {
-    for (int b = 0; b < k; ++b) {
-      Vec<T> x0{}, x1{};
-      if (MASK & 1) x0 = MODE == 2 ? loadn(a0 + b * HW, n) : loadu(a0 + b * HW);
-      if (MASK & 2) x1 = MODE == 2 ? loadn(a1 + b * HW, n) : loadu(a1 + b * HW);
-      if (pf0) {
-        if (MASK & 1) __builtin_prefetch(pf0 + b * HW);
-        if (MASK & 2) __builtin_prefetch(pf1 + b * HW);
-      }
+// The forward vectorises over *channels*: value comes as a channels-last copy VT
+// [BG][NV][H][W][L] (NV = ceil(D / L) channel vectors, zero padded), so the value of one pixel is
+// one aligned vector and every attention weight is a scalar broadcast folded into its FMA
+// (vfmaddps m32{1to16}).  A block is kPix consecutive pixels of one row with one accumulator
+// vector each:
+//   acc[p] += attn[a*k+b][i][j0+p] * VT[s(i)+a][x0 + off[p] + b]
+// where x0 is the window start of the block's first pixel and off[p] that of pixel p relative to
+// it.  Walking the value columns x of a window row, each value vector loaded feeds every pixel
+// whose window contains it (b = x - off[p]), so per FMA there is one broadcast and only
+// (kPix + k - 1) / (kPix * k) value loads -- no unaligned vector loads, no permutes.  Borders need
+// no special path either: a block starting at column 0 (or ending at W) has clamped windows,
+// i.e. a different, still compile-time, off[] (col_off).  The few (k, W) without a compiled
+// kernel (k outside kFixedK, or maps narrower than kPix + r) take fwd_block_any, which reads
+// each pixel's window separately.
+//
+// The block's attention taps ([tap][H][W]: k*k streams a plane apart) are first copied into a
+// small [tap][kPix] buffer (addresses of the unrolled kernel are then constants), and the next
+// block's taps are prefetched while this one computes: k*k streams are more than the hardware
+// prefetchers track.  Output is written back channel-major through an in-register transpose.
+constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // pixels (accumulator vectors) per block
+
+// Window start of pixel p of a block relative to that of pixel 0.  POS 0: interior block (no
+// clamping); 1: block at column 0 (windows clamped at 0); 2: block ending at column W - 1.
+template <int K, int POS>
+constexpr int col_off(int p) {
+  return POS == 0   ? p
+         : POS == 1 ? (p > K / 2 ? p - K / 2 : 0)
+                    : (p < kPix - 1 - K / 2 ? p : kPix - 1 - K / 2);
+}
+
+// Lane transpose of L vectors of L lanes: m[p][c] -> m[c][p], in log2(L) butterfly stages of
+// two-source shuffles (vpermt2ps on AVX-512).  Stage H swaps the off-diagonal H x H blocks of
+// each 2H x 2H block: row i (i & H == 0) keeps its lanes j with j & H == 0 and takes row i + H's
+// lanes j - H for the others; row i + H the mirror image.  Templated on H so that everything
+// unrolls and the index vectors are constants (m stays in registers).
+template <typename T, int H>
+inline void transpose_stage(Vec<T>* m) {
+  constexpr int L = lanes<T>();
+  IVec<T> lo, hi;
 #pragma GCC unroll 16
-      for (int c = 0; c < DC; ++c) {
-        Vec<T> v = loadu(vr + c * HWP + b);
-        v = in_register<T>(MODE ? permute<T>(v, idx) : v);
-        if (MASK & 1) acc[0][c] += x0 * v;
-        if (MASK & 2) acc[1][c] += x1 * v;
+  for (int j = 0; j < L; ++j) {
+    lo[j] = (j & H) ? L + j - H : j;
+    hi[j] = (j & H) ? L + j : j + H;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) {
+    if (i & H) continue;
+    const Vec<T> x = m[i], y = m[i + H];
+#if defined(__GNUC__) && !defined(__clang__)
+    m[i] = __builtin_shuffle(x, y, lo);
+    m[i + H] = __builtin_shuffle(x, y, hi);
+#else
+    for (int j = 0; j < L; ++j) {
+      m[i][j] = lo[j] < L ? x[lo[j]] : y[lo[j] - L];
+      m[i + H][j] = hi[j] < L ? x[hi[j]] : y[hi[j] - L];
+    }
+#endif
+  }
+  if constexpr (H > 1) transpose_stage<T, H / 2>(m);
+}
+
+template <typename T>
+inline void transpose(Vec<T>* m) {
+  transpose_stage<T, lanes<T>() / 2>(m);
+}
+
+// acc[p] holds channels c0.. of pixel j0 + p: store channels c < nc, pixels p < n to O
+// (-> out[c0][i][j0]).
+template <typename T>
+inline void store_block(Vec<T> (&acc)[kPix], T* O, int64_t HW, int nc, int n) {
+  constexpr int L = lanes<T>();
+  for (int q = 0; q < kPix && q < n; q += L) {
+    Vec<T>* m = acc + q;
+    transpose<T>(m);
+    const int m_n = std::min(L, n - q);
+    for (int c = 0; c < nc; ++c) {
+      if (m_n == L) storeu(O + c * HW + q, m[c]);
+      else storen(O + c * HW + q, m[c], m_n);
+    }
+  }
+}
+
+template <typename T, int K, int POS>
+struct FwdBlock {
+  static constexpr int L = lanes<T>();
+  static constexpr int NX = col_off<K, POS>(kPix - 1) + K;  // value columns a window row spans
+
+  // One window row: PK -> its k taps [b][kPix], VR -> the value row at the block's window start.
+  static inline void row(Vec<T> (&acc)[kPix], const T* __restrict pk, const T* __restrict vr) {
+#pragma GCC unroll 64
+    for (int x = 0; x < NX; ++x) {
+      const Vec<T> v = in_register<T>(loadu(vr + x * L));
+#pragma GCC unroll 64
+      for (int p = 0; p < kPix; ++p) {
+        const int b = x - col_off<K, POS>(p);
+        if (b >= 0 && b < K) acc[p] += pk[b * kPix + p] * v;
       }
     }
   }
 
-  template <int MODE>
-  static void run(const T* A, const T* VR, T* O, int64_t HW, int64_t W, int64_t HWP, int64_t WP,
-                  int k, int nrows, int64_t s0, int64_t s1, const T* PF, const IVec<T>& idx,
-                  int n) {
-    Vec<T> acc[2][DC];
-#pragma GCC unroll 16
-    for (int c = 0; c < DC; ++c) acc[0][c] = acc[1][c] = Vec<T>{};
-    const int64_t shi = (nrows == 2 ? s1 : s0) + k;
-    for (int64_t s = s0; s < shi; ++s) {
-      const int64_t a0 = s - s0, a1 = s - s1;
-      const bool v0 = a0 < k, v1 = nrows == 2 && a1 >= 0 && a1 < k;
-      const T* p0 = v0 ? A + a0 * k * HW : A;
-      const T* p1 = v1 ? A + W + a1 * k * HW : A;
-      const T* q0 = PF && v0 ? PF + a0 * k * HW : nullptr;
-      const T* q1 = PF && v1 ? PF + W + a1 * k * HW : q0;
-      if (!q0) q0 = q1;
-      const T* vr = VR + s * WP;
-      if (v0 && v1) taps<3, MODE>(acc, p0, p1, vr, q0, q1, HW, HWP, k, idx, n);
-      else if (v0) taps<1, MODE>(acc, p0, p1, vr, q0, q1, HW, HWP, k, idx, n);
-      else taps<2, MODE>(acc, p0, p1, vr, q0, q1, HW, HWP, k, idx, n);
+  // PK -> the block's packed taps [k*k][kPix]; VB -> VT[c-vector][s(i)][x0]; WL = W * L (value
+  // row stride); O -> out[c0][i][j0].  PF / PFO -> attention (attn[0][i'][j0']) and output
+  // (out[0][i'][j0']) of a block computed later, prefetched now, or null.
+  static void run(const T* pk, const T* vb, int64_t WL, T* O, int64_t HW, int nc, int n,
+                  const T* pf, T* pfo) {
+    if (pfo)
+      for (int c = 0; c < nc; ++c) __builtin_prefetch(pfo + c * HW, 1, 1);
+    Vec<T> acc[kPix];
+    for (int p = 0; p < kPix; ++p) acc[p] = Vec<T>{};
+    for (int a = 0; a < K; ++a) {
+      if (pf)
+        for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
+      row(acc, pk + a * K * kPix, vb + a * WL);
     }
-    for (int u = 0; u < nrows; ++u) {
-#pragma GCC unroll 16
-      for (int c = 0; c < DC; ++c) {
-        if (MODE == 2) storen(O + u * W + c * HW, acc[u][c], n);
-        else storeu(O + u * W + c * HW, acc[u][c]);
-      }
-    }
+    store_block<T>(acc, O, HW, nc, n);
   }
 };
 
+// Any k and map: every pixel reads its own window (SJ: window starts of the block's pixels).
+template <typename T>
+void fwd_block_any(const T* pk, const T* vrow, int64_t WL, const int64_t* sj, int k, T* O,
+                   int64_t HW, int nc, int n) {
+  constexpr int L = lanes<T>();
+  Vec<T> acc[kPix];
+  for (int p = 0; p < kPix; ++p) {
+    Vec<T> s{};
+    if (p < n)
+      for (int a = 0; a < k; ++a) {
+        const T* v = vrow + a * WL + sj[p] * L;
+        const T* w = pk + (int64_t)a * k * kPix + p;
+        for (int b = 0; b < k; ++b) s += w[b * kPix] * loadu(v + b * L);
+      }
+    acc[p] = s;
+  }
+  store_block<T>(acc, O, HW, nc, n);
+}
 
 // ---------------------------------------------------------------------------------- grad attn
-// gattn[a*k+b][i][j] = sum_c grad_out[c][i][j] * value[c][s(i)+a][s(j)+b], by the forward's tiles
-// (same MODEs: value vectors from the row-padded VP, permuted by idx on border tiles).
+// gattn[a*k+b][i][j] = sum_c grad_out[c][i][j] * value[c][s(i)+a][s(j)+b] for a tile of L
+// consecutive pixels j = j0 + l.  Within a tile, s(j0 + l) = s(j0) + idx[l] with idx
+// non-decreasing in 0..L-1: the identity on interior tiles, flat where the window is clamped at
+// a border.  So for every tap one vector load of value (from the row-padded copy VP, [D][H][WP],
+// WP = W + L: loads never leave the buffer) at column s(j0) + b, permuted by idx on border tiles,
+// feeds L pixels.  MODE 0: interior tile; 1: border tile (permute); 2: narrow map, W < L
+// (permute, and the grad_out / gattn rows are W long: partial loads and stores).  Rows are
+// processed in pairs (see kRowsPerTask).
 // G -> grad_out[c0][i][j0], VR -> VP[c0][0][s(j0)], GA -> gattn[0][i][j0], PF -> gattn of the
 // next tile (prefetched for writing) or null.  Channel chunks after the first accumulate.
 template <typename T, int DC>
@@ -420,12 +502,12 @@ void dispatch_tile(int dc, int mode, Args... args) {
   else dispatch_chunk_mode<T, K, 2>(dc, args...);
 }
 
-// Tiles of a row for the forward and grad_attn kernels: L pixels starting at min(t * L, W - L)
+// Tiles of a row for the grad_attn kernel: L pixels starting at min(t * L, W - L)
 // (the last one overlaps its predecessor: the overlap is recomputed and stored again, never
 // accumulated), or one narrow tile at 0 when W < L.  idx[t][l] = s(j0 + l) - s(j0).
 struct RowTile {
   int64_t j0, s;  // first pixel, its window start
-  int mode;       // 0 interior, 1 border, 2 narrow (see FwdChunk)
+  int mode;       // 0 interior, 1 border, 2 narrow (see GattnChunk)
 };
 
 template <typename T>
@@ -447,37 +529,140 @@ int plan_tiles(const Geo& g, std::vector<RowTile>& tiles, std::vector<IVec<T>>& 
   return n;
 }
 
+// Blocks between a prefetch and its use: one block ahead was too late on the 2-core Xeon VM
+// (Emerald Rapids), 3 to 12 ahead all ~35 % faster (docs/performance.md).
+constexpr int kPrefetchBlocks = 3;
+
+// Kernel sizes with a compiled block kernel (the models use 5, 7 and 13).
+constexpr int kFixedK[] = {3, 5, 7, 9, 11, 13};
+
+template <typename T, int POS>
+void dispatch_block(int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW, int nc, int n,
+                    const T* pf, T* pfo) {
+  switch (k) {
+    case 3: FwdBlock<T, 3, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 5: FwdBlock<T, 5, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 7: FwdBlock<T, 7, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 9: FwdBlock<T, 9, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 11: FwdBlock<T, 11, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 13: FwdBlock<T, 13, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    default: break;
+  }
+}
+
+// The blocks of a row: [j0, j0 + n) with window start x0 (of pixel j0) and kind pos (see
+// col_off; -1: fwd_block_any).  Compiled kernels: one block at column 0, one ending at W - 1,
+// interior blocks in between (the last shifted left to stay interior: overlaps recompute the
+// same values).  They need W >= kPix + r, so a border block's windows clamp on one side only.
+struct Block {
+  int64_t j0, x0;
+  int pos, n;
+};
+
+inline std::vector<Block> plan_blocks(const Geo& g) {
+  std::vector<Block> out;
+  bool fixed = false;
+  for (int k : kFixedK) fixed = fixed || k == g.k;
+  if (fixed && g.W >= kPix + g.r) {
+    out.push_back({0, 0, 1, kPix});
+    for (int64_t j = kPix; j < g.W - kPix; j += kPix) {
+      const int64_t j0 = std::max<int64_t>(g.r, std::min<int64_t>(j, g.W - g.r - kPix));
+      out.push_back({j0, j0 - g.r, 0, kPix});
+    }
+    out.push_back({g.W - kPix, g.W - kPix - g.r, 2, kPix});
+  } else {
+    for (int64_t j = 0; j < g.W; j += kPix)
+      out.push_back({j, 0, -1, (int)std::min<int64_t>(kPix, g.W - j)});
+  }
+  return out;
+}
+
+// VT[cv][h][w][L] <- value[cv * L + c][h][w] of one group (channels past D zero): the
+// forward's channels-last copy, made per group into a per-thread buffer (~270 KB at a detection
+// stage-3 map: it stays in L2 while the group computes), L x L tiles through transpose().
 template <typename T>
-void forward_impl(const T* attn, const T* vp, T* out, const Geo& g, int64_t WP, int nthreads) {
-  const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
-  std::vector<RowTile> tiles;
-  std::vector<IVec<T>> idx;
-  const int n = plan_tiles<T>(g, tiles, idx);
-  const auto chunks = channel_chunks(g.D);
-  const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
-    const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
-    const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
+void to_channels_last(const T* V, T* VT, const Geo& g) {
+  constexpr int L = lanes<T>();
+  const int64_t HW = g.HW(), NV = (g.D + L - 1) / L;
+  Vec<T> m[L];
+  for (int64_t cv = 0; cv < NV; ++cv)
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+        const int n = (int)std::min<int64_t>(L, g.W - w0);
+        const T* src = V + cv * L * HW + h * g.W + w0;
+        const int nc = (int)std::min<int64_t>(L, g.D - cv * L);
+        if (n == L && nc == L) {
+#pragma GCC unroll 16
+          for (int c = 0; c < L; ++c) m[c] = loadu(src + c * HW);
+        } else {  // kept apart: partial loads in the same loop defeat the plain ones
+          for (int c = 0; c < L; ++c) m[c] = c >= nc ? Vec<T>{} : loadn(src + c * HW, n);
+        }
+        transpose<T>(m);
+        T* dst = VT + ((cv * g.H + h) * g.W + w0) * L;
+        if (n == L) {
+#pragma GCC unroll 16
+          for (int p = 0; p < L; ++p) storeu(dst + p * L, m[p]);
+        } else {
+          for (int p = 0; p < n; ++p) storeu(dst + p * L, m[p]);
+        }
+      }
+}
+
+// One task per group (batch x group): its value is transposed once, then its rows are walked
+// block by block.
+template <typename T>
+void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthreads) {
+  constexpr int L = lanes<T>();
+  const int k = g.k;
+  const int64_t HW = g.HW(), T2 = (int64_t)k * k, WL = g.W * L, NV = (g.D + L - 1) / L;
+  const std::vector<Block> blocks = plan_blocks(g);
+  const int64_t nblocks = (int64_t)blocks.size();
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, g.BG));
+  std::vector<std::vector<T>> packed(nt), vts(nt);
+  for (int t = 0; t < nt; ++t) {
+    packed[t].resize(T2 * kPix);
+    vts[t].resize(NV * HW * L);
+  }
+  parallel_for(g.BG, nt, [&](int64_t bg, int tid) {
     const T* A = attn + bg * T2 * HW;
-    const T* V = vp + bg * g.D * HWP;
     T* O = out + bg * g.D * HW;
-    for (int64_t i = i_begin; i < i_end; i += 2) {
-      const int nrows = (int)std::min<int64_t>(2, i_end - i);
-      const int64_t s0 = window_start(i, g.H, g.k);
-      const int64_t s1 = nrows == 2 ? window_start(i + 1, g.H, g.k) : s0;
-      for (size_t t = 0; t < tiles.size(); ++t) {
-        const RowTile& tile = tiles[t];
-        const T* pf = t + 1 < tiles.size() ? A + i * g.W + tiles[t + 1].j0
-                      : i + 2 < i_end ? A + (i + 2) * g.W + tiles[0].j0 : nullptr;
-        bool first = true;
-        for (auto& ch : chunks) {
-          const T* a = A + i * g.W + tile.j0;
-          const T* vr = V + ch.first * HWP + tile.s;
-          T* o = O + ch.first * HW + i * g.W + tile.j0;
-          const T* p = first ? pf : (const T*)nullptr;
-          dispatch_tile<T, FwdChunk>(ch.second, tile.mode, a, vr, o, HW, g.W, HWP, WP, g.k,
-                                     nrows, s0, s1, p, idx[t], n);
-          first = false;
+    T* pk = packed[tid].data();
+    T* vt = vts[tid].data();
+    to_channels_last<T>(value + bg * g.D * HW, vt, g);
+    std::vector<int64_t> sj(kPix);
+    for (int64_t i = 0; i < g.H; ++i) {
+      const int64_t s = window_start(i, g.H, k);
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const Block& blk = blocks[bi];
+        const T* a = A + i * g.W + blk.j0;
+        if (blk.n == kPix) {
+          for (int64_t t = 0; t < T2; ++t)
+#pragma GCC unroll 4
+            for (int q = 0; q < kPix; q += L) storeu(pk + t * kPix + q, loadu(a + t * HW + q));
+        } else {  // kept apart: a partial load in the same loop defeats the plain one
+          for (int64_t t = 0; t < T2; ++t)
+            for (int q = 0; q < kPix; q += L) {
+              const int m = std::min(L, blk.n - q);
+              storeu(pk + t * kPix + q, m > 0 ? loadn(a + t * HW + q, m) : Vec<T>{});
+            }
+        }
+        // prefetch target: the block kPrefetchBlocks ahead in row-major order
+        const int64_t ahead = bi + kPrefetchBlocks, pi = i + ahead / nblocks;
+        const int64_t pj = pi < g.H ? pi * g.W + blocks[ahead % nblocks].j0 : -1;
+        if (blk.pos < 0)
+          for (int p = 0; p < blk.n; ++p) sj[p] = window_start(blk.j0 + p, g.W, k);
+        for (int64_t cv = 0; cv < NV; ++cv) {
+          const T* vrow = vt + (cv * g.H + s) * WL;
+          T* o = O + cv * L * HW + i * g.W + blk.j0;
+          const int nc = (int)std::min<int64_t>(L, g.D - cv * L);
+          const bool pref = cv == 0 && pj >= 0;
+          const T* pf = pref ? A + pj : nullptr;
+          T* pfo = pref ? O + pj : nullptr;
+          const T* vb = vrow + blk.x0 * L;
+          if (blk.pos == 0) dispatch_block<T, 0>(k, pk, vb, WL, o, HW, nc, blk.n, pf, pfo);
+          else if (blk.pos == 1) dispatch_block<T, 1>(k, pk, vb, WL, o, HW, nc, blk.n, pf, pfo);
+          else if (blk.pos == 2) dispatch_block<T, 2>(k, pk, vb, WL, o, HW, nc, blk.n, pf, pfo);
+          else fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n);
         }
       }
     }
@@ -624,10 +809,10 @@ extern "C" {
 // Geometry: BG = batch * groups, D channels per group, H x W map, odd k <= min(H, W).
 #define NA2D_EXPORT(T, SUF)                                                                    \
   int na2d_lanes_##SUF() { return lanes<T>(); }                                               \
-  void na2d_forward_##SUF(const T* attn, const T* vp, T* out, int64_t BG, int64_t D,        \
-                          int64_t H, int64_t W, int k, int64_t WP, int nthreads) {           \
+  void na2d_forward_##SUF(const T* attn, const T* value, T* out, int64_t BG, int64_t D,     \
+                          int64_t H, int64_t W, int k, int nthreads) {                       \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    forward_impl<T>(attn, vp, out, g, WP, nthreads);                                         \
+    forward_impl<T>(attn, value, out, g, nthreads);                                          \
   }                                                                                          \
   void na2d_grad_attn_##SUF(const T* grad_out, const T* vp, T* gattn, int64_t BG, int64_t D, \
                             int64_t H, int64_t W, int k, int64_t WP, int nthreads) {         \
