@@ -72,11 +72,12 @@ def test_forward_float32_tolerance(impl, k, H, W, D):
     assert (out.double() - expected).abs().max() < 1e-5
 
 
-# The CPU forward has a compiled block kernel per k in (3, 5, 7, 9, 11, 13) and block position
-# (row start, interior, row end; 16 pixels a block with AVX-512), used where W >= 16 + k // 2,
-# and a generic path otherwise.  Per k: the narrowest map of the compiled path, one whose last
-# interior block is shifted left (W not a multiple of 16), and the detection stage-3 width;
-# channel counts below, at and above one vector (zero-padded channel vectors).
+# The CPU forward has a compiled block kernel per k in (3, 5, 7, 9, 11, 13), block position (row
+# start, interior, row end) and block width (16 or 14 pixels with AVX-512, whichever computes
+# fewer pixels for the row), used where W >= 16 + k // 2 or so, and a generic path otherwise.
+# Per k: the narrowest map of the compiled path (14-pixel blocks), one whose last interior block
+# is shifted left (16-pixel blocks), and the detection stage-3 width (6 x 14); channel counts
+# below, at and above one vector (zero-padded channel vectors).
 BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
                for w, d in ((16 + k // 2, 16), (45, 10), (84, 24))] + [(13, 21, 16), (15, 40, 16)]
 

@@ -178,15 +178,20 @@ constexpr int kRowsPerTask = 8;
 // small [tap][kPix] buffer (addresses of the unrolled kernel are then constants), and the next
 // block's taps are prefetched while this one computes: k*k streams are more than the hardware
 // prefetchers track.  Output is written back channel-major through an in-register transpose.
-constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // pixels (accumulator vectors) per block
+constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
+// Block widths compiled: kPix, and 14 where registers allow -- per map the width with fewer
+// pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
+// stage 4, where 16-pixel blocks compute 96 and 48).
+constexpr int kPixAlt = kPix >= 14 ? 14 : kPix;
 
-// Window start of pixel p of a block relative to that of pixel 0.  POS 0: interior block (no
-// clamping); 1: block at column 0 (windows clamped at 0); 2: block ending at column W - 1.
-template <int K, int POS>
+// Window start of pixel p of a P-pixel block relative to that of pixel 0.  POS 0: interior
+// block (no clamping); 1: block at column 0 (windows clamped at 0); 2: block ending at column
+// W - 1.
+template <int K, int POS, int P>
 constexpr int col_off(int p) {
   return POS == 0   ? p
          : POS == 1 ? (p > K / 2 ? p - K / 2 : 0)
-                    : (p < kPix - 1 - K / 2 ? p : kPix - 1 - K / 2);
+                    : (p < P - 1 - K / 2 ? p : P - 1 - K / 2);
 }
 
 // Lane transpose of L vectors of L lanes: m[p][c] -> m[c][p], in log2(L) butterfly stages of
@@ -226,44 +231,51 @@ inline void transpose(Vec<T>* m) {
 }
 
 // acc[p] holds channels c0.. of pixel j0 + p: store channels c < nc, pixels p < n to O
-// (-> out[c0][i][j0]).
+// (-> out[c0][i][j0]).  With `spill`, whole vectors are stored even past n: the caller knows
+// that those pixels of the row are written again later (blocks go left to right), which spares
+// partial stores -- a 14-pixel block stores 16.
 template <typename T>
-inline void store_block(Vec<T> (&acc)[kPix], T* O, int64_t HW, int nc, int n) {
+inline void store_block(Vec<T> (&acc)[kPix], T* O, int64_t HW, int nc, int n, bool spill) {
   constexpr int L = lanes<T>();
   for (int q = 0; q < kPix && q < n; q += L) {
     Vec<T>* m = acc + q;
     transpose<T>(m);
     const int m_n = std::min(L, n - q);
-    for (int c = 0; c < nc; ++c) {
-      if (m_n == L) storeu(O + c * HW + q, m[c]);
-      else storen(O + c * HW + q, m[c], m_n);
+    if (m_n == L || spill) {
+#pragma GCC unroll 16
+      for (int c = 0; c < L; ++c)
+        if (c < nc) storeu(O + c * HW + q, m[c]);
+    } else {
+      for (int c = 0; c < nc; ++c) storen(O + c * HW + q, m[c], m_n);
     }
   }
 }
 
-template <typename T, int K, int POS>
+template <typename T, int K, int POS, int P>
 struct FwdBlock {
   static constexpr int L = lanes<T>();
-  static constexpr int NX = col_off<K, POS>(kPix - 1) + K;  // value columns a window row spans
+  static constexpr int NX = col_off<K, POS, P>(P - 1) + K;  // value columns a window row spans
 
-  // One window row: PK -> its k taps [b][kPix], VR -> the value row at the block's window start.
+  // One window row: PK -> its k taps [b][kPix] (P used), VR -> the value row at the block's
+  // window start.
   static inline void row(Vec<T> (&acc)[kPix], const T* __restrict pk, const T* __restrict vr) {
 #pragma GCC unroll 64
     for (int x = 0; x < NX; ++x) {
       const Vec<T> v = in_register<T>(loadu(vr + x * L));
 #pragma GCC unroll 64
-      for (int p = 0; p < kPix; ++p) {
-        const int b = x - col_off<K, POS>(p);
+      for (int p = 0; p < P; ++p) {
+        const int b = x - col_off<K, POS, P>(p);
         if (b >= 0 && b < K) acc[p] += pk[b * kPix + p] * v;
       }
     }
   }
 
-  // PK -> the block's packed taps [k*k][kPix]; VB -> VT[c-vector][s(i)][x0]; WL = W * L (value
+  // PK -> the block's packed taps [k*k][kPix] (P used); VB -> VT[c-vector][s(i)][x0]; WL = W * L (value
   // row stride); O -> out[c0][i][j0].  PF / PFO -> attention (attn[0][i'][j0']) and output
   // (out[0][i'][j0']) of a block computed later, prefetched now, or null.
   static void run(const T* pk, const T* vb, int64_t WL, T* O, int64_t HW, int nc, int n,
                   const T* pf, T* pfo) {
+    static_assert(P <= kPix, "block wider than the accumulators");
     if (pfo)
       for (int c = 0; c < nc; ++c) __builtin_prefetch(pfo + c * HW, 1, 1);
     Vec<T> acc[kPix];
@@ -273,7 +285,7 @@ struct FwdBlock {
         for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
       row(acc, pk + a * K * kPix, vb + a * WL);
     }
-    store_block<T>(acc, O, HW, nc, n);
+    store_block<T>(acc, O, HW, nc, n, POS != 2);  // only the row's last block must not spill
   }
 };
 
@@ -293,7 +305,7 @@ void fwd_block_any(const T* pk, const T* vrow, int64_t WL, const int64_t* sj, in
       }
     acc[p] = s;
   }
-  store_block<T>(acc, O, HW, nc, n);
+  store_block<T>(acc, O, HW, nc, n, false);
 }
 
 // ---------------------------------------------------------------------------------- grad attn
@@ -536,45 +548,72 @@ constexpr int kPrefetchBlocks = 3;
 // Kernel sizes with a compiled block kernel (the models use 5, 7 and 13).
 constexpr int kFixedK[] = {3, 5, 7, 9, 11, 13};
 
-template <typename T, int POS>
+template <typename T, int POS, int P>
 void dispatch_block(int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW, int nc, int n,
                     const T* pf, T* pfo) {
   switch (k) {
-    case 3: FwdBlock<T, 3, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 5: FwdBlock<T, 5, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 7: FwdBlock<T, 7, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 9: FwdBlock<T, 9, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 11: FwdBlock<T, 11, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 13: FwdBlock<T, 13, POS>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 3: FwdBlock<T, 3, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 5: FwdBlock<T, 5, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 7: FwdBlock<T, 7, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 9: FwdBlock<T, 9, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 11: FwdBlock<T, 11, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 13: FwdBlock<T, 13, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
     default: break;
   }
 }
 
+template <typename T, int P>
+void dispatch_block(int pos, int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW,
+                    int nc, int n, const T* pf, T* pfo) {
+  if (pos == 0) dispatch_block<T, 0, P>(k, pk, vb, WL, o, HW, nc, n, pf, pfo);
+  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, vb, WL, o, HW, nc, n, pf, pfo);
+  else dispatch_block<T, 2, P>(k, pk, vb, WL, o, HW, nc, n, pf, pfo);
+}
+
 // The blocks of a row: [j0, j0 + n) with window start x0 (of pixel j0) and kind pos (see
-// col_off; -1: fwd_block_any).  Compiled kernels: one block at column 0, one ending at W - 1,
-// interior blocks in between (the last shifted left to stay interior: overlaps recompute the
-// same values).  They need W >= kPix + r, so a border block's windows clamp on one side only.
+// col_off; -1: fwd_block_any).  Compiled kernels of width P: one block at column 0, one ending
+// at W - 1, interior blocks in between (the last shifted left to stay interior: overlaps
+// recompute the same values).  Valid when a border block's windows clamp on one side only
+// (W >= P + r) and the interior blocks fit between the clamped columns (W >= P + 2r, unless
+// there are none: W <= 2P); W >= kPix for the repack's whole-vector loads.  Otherwise, or for k
+// without a compiled kernel: generic blocks.
 struct Block {
   int64_t j0, x0;
   int pos, n;
 };
 
-inline std::vector<Block> plan_blocks(const Geo& g) {
-  std::vector<Block> out;
+inline bool blocks_fit(const Geo& g, int P) {
   bool fixed = false;
   for (int k : kFixedK) fixed = fixed || k == g.k;
-  if (fixed && g.W >= kPix + g.r) {
-    out.push_back({0, 0, 1, kPix});
-    for (int64_t j = kPix; j < g.W - kPix; j += kPix) {
-      const int64_t j0 = std::max<int64_t>(g.r, std::min<int64_t>(j, g.W - g.r - kPix));
-      out.push_back({j0, j0 - g.r, 0, kPix});
+  return fixed && g.W >= kPix && g.W >= P + g.r && (g.W <= 2 * P || g.W >= P + 2 * g.r);
+}
+
+inline std::vector<Block> plan_blocks(const Geo& g, int P) {
+  std::vector<Block> out;
+  if (blocks_fit(g, P)) {
+    out.push_back({0, 0, 1, P});
+    for (int64_t j = P; j < g.W - P; j += P) {
+      const int64_t j0 = std::max<int64_t>(g.r, std::min<int64_t>(j, g.W - g.r - P));
+      out.push_back({j0, j0 - g.r, 0, P});
     }
-    out.push_back({g.W - kPix, g.W - kPix - g.r, 2, kPix});
+    out.push_back({g.W - P, g.W - P - g.r, 2, P});
   } else {
     for (int64_t j = 0; j < g.W; j += kPix)
       out.push_back({j, 0, -1, (int)std::min<int64_t>(kPix, g.W - j)});
   }
   return out;
+}
+
+// Block width for a map: the compiled width computing the fewest pixels per row (ties: kPix).
+inline int block_width(const Geo& g) {
+  int best = kPix;
+  int64_t best_px = -1;
+  for (int P : {kPix, kPixAlt}) {
+    if (!blocks_fit(g, P)) continue;
+    const int64_t px = (int64_t)plan_blocks(g, P).size() * P;
+    if (best_px < 0 || px < best_px) best = P, best_px = px;
+  }
+  return best;
 }
 
 // VT[cv][h][w][L] <- value[cv * L + c][h][w] of one group (channels past D zero): the
@@ -615,18 +654,19 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
   constexpr int L = lanes<T>();
   const int k = g.k;
   const int64_t HW = g.HW(), T2 = (int64_t)k * k, WL = g.W * L, NV = (g.D + L - 1) / L;
-  const std::vector<Block> blocks = plan_blocks(g);
+  const int P = block_width(g);
+  const std::vector<Block> blocks = plan_blocks(g, P);
   const int64_t nblocks = (int64_t)blocks.size();
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, g.BG));
   std::vector<std::vector<T>> packed(nt), vts(nt);
   for (int t = 0; t < nt; ++t) {
-    packed[t].resize(T2 * kPix);
+    packed[t].resize(kPix + T2 * kPix);  // one vector of slack in front (see the repack)
     vts[t].resize(NV * HW * L);
   }
   parallel_for(g.BG, nt, [&](int64_t bg, int tid) {
     const T* A = attn + bg * T2 * HW;
     T* O = out + bg * g.D * HW;
-    T* pk = packed[tid].data();
+    T* pk = packed[tid].data() + kPix;
     T* vt = vts[tid].data();
     to_channels_last<T>(value + bg * g.D * HW, vt, g);
     std::vector<int64_t> sj(kPix);
@@ -634,12 +674,17 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
       const int64_t s = window_start(i, g.H, k);
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const Block& blk = blocks[bi];
-        const T* a = A + i * g.W + blk.j0;
-        if (blk.n == kPix) {
+        if (blk.pos >= 0) {
+          // taps [t][kPix]: kPix values read from c0 <= j0 (whole vectors stay inside the row)
+          // land at t * kPix + (c0 - j0); a shift spills into the previous tap's unused lanes
+          const int64_t c0 = std::min<int64_t>(blk.j0, g.W - kPix);
+          const T* a = A + i * g.W + c0;
+          T* d = pk + (c0 - blk.j0);
           for (int64_t t = 0; t < T2; ++t)
 #pragma GCC unroll 4
-            for (int q = 0; q < kPix; q += L) storeu(pk + t * kPix + q, loadu(a + t * HW + q));
+            for (int q = 0; q < kPix; q += L) storeu(d + t * kPix + q, loadu(a + t * HW + q));
         } else {  // kept apart: a partial load in the same loop defeats the plain one
+          const T* a = A + i * g.W + blk.j0;
           for (int64_t t = 0; t < T2; ++t)
             for (int q = 0; q < kPix; q += L) {
               const int m = std::min(L, blk.n - q);
@@ -659,10 +704,9 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const T* pf = pref ? A + pj : nullptr;
           T* pfo = pref ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
-          if (blk.pos == 0) dispatch_block<T, 0>(k, pk, vb, WL, o, HW, nc, blk.n, pf, pfo);
-          else if (blk.pos == 1) dispatch_block<T, 1>(k, pk, vb, WL, o, HW, nc, blk.n, pf, pfo);
-          else if (blk.pos == 2) dispatch_block<T, 2>(k, pk, vb, WL, o, HW, nc, blk.n, pf, pfo);
-          else fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n);
+          if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n);
+          else if (P == kPix) dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, pf, pfo);
+          else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, pf, pfo);
         }
       }
     }
