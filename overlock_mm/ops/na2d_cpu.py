@@ -218,9 +218,10 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
     dtype = _compute_dtype(attn, value)
     work = dtype if dtype in _SUFFIX else torch.float32
     a, v = attn.to(work).contiguous(), value.to(work).contiguous()
-    if not (torch.is_grad_enabled() and (a.requires_grad or v.requires_grad)):
+    needs_graph = torch.is_grad_enabled() and (a.requires_grad or v.requires_grad)
+    if not needs_graph and not torch.jit.is_tracing():
         # nothing to record for backward: skip the autograd Function (~50 us a call, a tenth of
-        # a small stage-4 forward)
+        # a small stage-4 forward).  A trace (FLOP counting) must still see the Function's node.
         return forward(a, v, kernel_size).to(dtype)
     with torch.autocast('cpu', enabled=False):
         out = _CpuNeighborhoodAV.apply(a, v, kernel_size)
