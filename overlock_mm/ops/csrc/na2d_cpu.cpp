@@ -159,25 +159,26 @@ struct Geo {
 constexpr int kRowsPerTask = 8;
 
 // ------------------------------------------------------------------------------------ forward
-// The forward vectorises over *channels*: value comes as a channels-last copy VT
-// [BG][NV][H][W][L] (NV = ceil(D / L) channel vectors, zero padded), so the value of one pixel is
-// one aligned vector and every attention weight is a scalar broadcast folded into its FMA
-// (vfmaddps m32{1to16}).  A block is kPix consecutive pixels of one row with one accumulator
-// vector each:
+// The forward vectorises over *channels*: each group's value is first copied channels-last, VT
+// [NV][H][W][L] (NV = ceil(D / L) channel vectors, zero padded; to_channels_last), so the value
+// of one pixel is one aligned vector and every attention weight is a scalar broadcast folded into
+// its FMA (vfmaddps m32{1to16}).  A block is P consecutive pixels of one row (P = kPix or
+// kPixAlt) with one accumulator vector each:
 //   acc[p] += attn[a*k+b][i][j0+p] * VT[s(i)+a][x0 + off[p] + b]
 // where x0 is the window start of the block's first pixel and off[p] that of pixel p relative to
 // it.  Walking the value columns x of a window row, each value vector loaded feeds every pixel
 // whose window contains it (b = x - off[p]), so per FMA there is one broadcast and only
-// (kPix + k - 1) / (kPix * k) value loads -- no unaligned vector loads, no permutes.  Borders need
-// no special path either: a block starting at column 0 (or ending at W) has clamped windows,
-// i.e. a different, still compile-time, off[] (col_off).  The few (k, W) without a compiled
-// kernel (k outside kFixedK, or maps narrower than kPix + r) take fwd_block_any, which reads
-// each pixel's window separately.
+// (P + k - 1) / (P * k) value loads -- no unaligned vector loads, no permutes.  Borders need no
+// special path either: a block starting at column 0 (or ending at W) has clamped windows, i.e. a
+// different, still compile-time, off[] (col_off).  The few (k, W) without a compiled kernel (k
+// outside kFixedK, or maps too narrow: blocks_fit) take fwd_block_any, which reads each pixel's
+// window separately.
 //
 // The block's attention taps ([tap][H][W]: k*k streams a plane apart) are first copied into a
-// small [tap][kPix] buffer (addresses of the unrolled kernel are then constants), and the next
-// block's taps are prefetched while this one computes: k*k streams are more than the hardware
-// prefetchers track.  Output is written back channel-major through an in-register transpose.
+// small [tap][kPix] buffer (addresses of the unrolled kernel are then constants), and the taps
+// and output of the block kPrefetchBlocks ahead are prefetched while this one computes: k*k
+// streams are more than the hardware prefetchers track.  Output is written back channel-major
+// through an in-register transpose.
 constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
 // Block widths compiled: kPix, and 14 where registers allow -- per map the width with fewer
 // pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
@@ -270,11 +271,12 @@ struct FwdBlock {
     }
   }
 
-  // PK -> the block's packed taps [k*k][kPix] (P used); VB -> VT[c-vector][s(i)][x0]; WL = W * L (value
-  // row stride); O -> out[c0][i][j0].  PF / PFO -> attention (attn[0][i'][j0']) and output
-  // (out[0][i'][j0']) of a block computed later, prefetched now, or null.
+  // PK -> the block's packed taps [k*k][kPix] (P used); VB -> VT[c-vector][s(i)][x0]; WL = W * L
+  // (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO -> attention
+  // (attn[0][i'][j0']) and output (out[0][i'][j0']) of a block computed later, prefetched now,
+  // or null.
   static void run(const T* pk, const T* vb, int64_t WL, T* O, int64_t HW, int nc, int n,
-                  const T* pf, T* pfo) {
+                  bool spill, const T* pf, T* pfo) {
     static_assert(P <= kPix, "block wider than the accumulators");
     if (pfo)
       for (int c = 0; c < nc; ++c) __builtin_prefetch(pfo + c * HW, 1, 1);
@@ -285,7 +287,7 @@ struct FwdBlock {
         for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
       row(acc, pk + a * K * kPix, vb + a * WL);
     }
-    store_block<T>(acc, O, HW, nc, n, POS != 2);  // only the row's last block must not spill
+    store_block<T>(acc, O, HW, nc, n, spill);
   }
 };
 
@@ -542,7 +544,7 @@ int plan_tiles(const Geo& g, std::vector<RowTile>& tiles, std::vector<IVec<T>>& 
 }
 
 // Blocks between a prefetch and its use: one block ahead was too late on the 2-core Xeon VM
-// (Emerald Rapids), 3 to 12 ahead all ~35 % faster (docs/performance.md).
+// (Emerald Rapids): 2 to 12 ahead read alike, ~35 % faster at the detection stage-3 k = 13 shape.
 constexpr int kPrefetchBlocks = 3;
 
 // Kernel sizes with a compiled block kernel (the models use 5, 7 and 13).
@@ -550,24 +552,24 @@ constexpr int kFixedK[] = {3, 5, 7, 9, 11, 13};
 
 template <typename T, int POS, int P>
 void dispatch_block(int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW, int nc, int n,
-                    const T* pf, T* pfo) {
+                    bool spill, const T* pf, T* pfo) {
   switch (k) {
-    case 3: FwdBlock<T, 3, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 5: FwdBlock<T, 5, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 7: FwdBlock<T, 7, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 9: FwdBlock<T, 9, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 11: FwdBlock<T, 11, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
-    case 13: FwdBlock<T, 13, POS, P>::run(pk, vb, WL, o, HW, nc, n, pf, pfo); break;
+    case 3: FwdBlock<T, 3, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 5: FwdBlock<T, 5, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 7: FwdBlock<T, 7, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 9: FwdBlock<T, 9, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 11: FwdBlock<T, 11, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 13: FwdBlock<T, 13, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
     default: break;
   }
 }
 
 template <typename T, int P>
 void dispatch_block(int pos, int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW,
-                    int nc, int n, const T* pf, T* pfo) {
-  if (pos == 0) dispatch_block<T, 0, P>(k, pk, vb, WL, o, HW, nc, n, pf, pfo);
-  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, vb, WL, o, HW, nc, n, pf, pfo);
-  else dispatch_block<T, 2, P>(k, pk, vb, WL, o, HW, nc, n, pf, pfo);
+                    int nc, int n, bool spill, const T* pf, T* pfo) {
+  if (pos == 0) dispatch_block<T, 0, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
+  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
+  else dispatch_block<T, 2, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
 }
 
 // The blocks of a row: [j0, j0 + n) with window start x0 (of pixel j0) and kind pos (see
@@ -696,6 +698,10 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
         const int64_t pj = pi < g.H ? pi * g.W + blocks[ahead % nblocks].j0 : -1;
         if (blk.pos < 0)
           for (int p = 0; p < blk.n; ++p) sj[p] = window_start(blk.j0 + p, g.W, k);
+        // whole-vector stores past the block: only where a later block of this row rewrites
+        // those pixels (not the row's last block) and the row holds them (a block shifted left
+        // to stay interior can end within kPix - P of the row's end)
+        const bool spill = blk.pos >= 0 && blk.pos != 2 && blk.j0 + kPix <= g.W;
         for (int64_t cv = 0; cv < NV; ++cv) {
           const T* vrow = vt + (cv * g.H + s) * WL;
           T* o = O + cv * L * HW + i * g.W + blk.j0;
@@ -705,8 +711,9 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           T* pfo = pref ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n);
-          else if (P == kPix) dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, pf, pfo);
-          else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, pf, pfo);
+          else if (P == kPix)
+            dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
+          else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
         }
       }
     }
