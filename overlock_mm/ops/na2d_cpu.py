@@ -4,11 +4,11 @@ The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
 through :mod:`ctypes`, which releases the GIL. The forward vectorises over channels (a
 channels-last copy of each group's ``value`` is made inside the kernel), the gradients along
-``W``; see the comments in the source. The shared library is cached under ``$OVERLOCK_MM_CACHE`` (default
-``~/.cache/overlock_mm``), keyed by the source, the flags, the compiler version and the CPU's
-instruction-set flags, so a cache shared between different machines never serves a binary built
-for another CPU. Builds write to a temporary file and are renamed into place, so concurrent
-processes (pytest-xdist, several trainers) are safe.
+``W``; see the comments in the source. The shared library is cached under
+``$OVERLOCK_MM_CACHE`` (default ``~/.cache/overlock_mm``), keyed by the source, the flags, the
+compiler version and the CPU's instruction-set flags, so a cache shared between different
+machines never serves a binary built for another CPU. Builds write to a temporary file and are
+renamed into place, so concurrent processes (pytest-xdist, several trainers) are safe.
 
 If no compiler is available or the build fails, the implementation warns once and runs
 ``'native'`` instead; ``OVERLOCK_MM_NO_CPU_EXT=1`` disables the kernel on purpose.
