@@ -96,9 +96,10 @@ inline Vec<T> permute(const Vec<T>& x, const IVec<T>& idx) {
 #endif
 }
 
-// A value vector feeds two FMAs (two output rows). Left alone, GCC folds the load into both
-// FMAs, i.e. loads it twice -- and these loads, unaligned, are what the tile loops are bound by.
-// The empty asm pins the vector in a register (no code emitted).
+// A value vector feeds several FMAs (two output rows in the gradient tiles). Left alone, GCC
+// folds the load into each FMA, i.e. loads it again per FMA -- and these loads, unaligned, are
+// what the tile loops are bound by. The empty asm pins the vector in a register (no code
+// emitted).
 template <typename T>
 inline Vec<T> in_register(Vec<T> v) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -232,9 +233,9 @@ inline void transpose(Vec<T>* m) {
 }
 
 // acc[p] holds channels c0.. of pixel j0 + p: store channels c < nc, pixels p < n to O
-// (-> out[c0][i][j0]).  With `spill`, whole vectors are stored even past n: the caller knows
-// that those pixels of the row are written again later (blocks go left to right), which spares
-// partial stores -- a 14-pixel block stores 16.
+// (-> out[c0][i][j0]).  With `spill`, whole vectors are stored even past n (the caller knows the
+// row holds them and that a later block rewrites them), which spares partial stores -- a
+// 14-pixel block stores 16.
 template <typename T>
 inline void store_block(Vec<T> (&acc)[kPix], T* O, int64_t HW, int nc, int n, bool spill) {
   constexpr int L = lanes<T>();
@@ -294,7 +295,7 @@ struct FwdBlock {
 // Any k and map: every pixel reads its own window (SJ: window starts of the block's pixels).
 template <typename T>
 void fwd_block_any(const T* pk, const T* vrow, int64_t WL, const int64_t* sj, int k, T* O,
-                   int64_t HW, int nc, int n) {
+                   int64_t HW, int nc, int n, bool spill) {
   constexpr int L = lanes<T>();
   Vec<T> acc[kPix];
   for (int p = 0; p < kPix; ++p) {
@@ -307,7 +308,7 @@ void fwd_block_any(const T* pk, const T* vrow, int64_t WL, const int64_t* sj, in
       }
     acc[p] = s;
   }
-  store_block<T>(acc, O, HW, nc, n, false);
+  store_block<T>(acc, O, HW, nc, n, spill);
 }
 
 // ---------------------------------------------------------------------------------- grad attn
@@ -698,10 +699,10 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
         const int64_t pj = pi < g.H ? pi * g.W + blocks[ahead % nblocks].j0 : -1;
         if (blk.pos < 0)
           for (int p = 0; p < blk.n; ++p) sj[p] = window_start(blk.j0 + p, g.W, k);
-        // whole-vector stores past the block: only where a later block of this row rewrites
-        // those pixels (not the row's last block) and the row holds them (a block shifted left
-        // to stay interior can end within kPix - P of the row's end)
-        const bool spill = blk.pos >= 0 && blk.pos != 2 && blk.j0 + kPix <= g.W;
+        // whole-vector stores past the block where the row holds kPix pixels from j0: blocks go
+        // left to right and the row's last one ends at W, so a later block rewrites them (a
+        // block shifted left to stay interior can end within kPix - P of the row's end)
+        const bool spill = blk.j0 + kPix <= g.W;
         for (int64_t cv = 0; cv < NV; ++cv) {
           const T* vrow = vt + (cv * g.H + s) * WL;
           T* o = O + cv * L * HW + i * g.W + blk.j0;
@@ -710,7 +711,7 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const T* pf = pref ? A + pj : nullptr;
           T* pfo = pref ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
-          if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n);
+          if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
             dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
           else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
