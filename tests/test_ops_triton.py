@@ -39,6 +39,17 @@ CASES = [
 ]
 
 
+def _set_tiles(monkeypatch, block_p=None, block_d=None, d_unroll=None):
+    """Patch ``nt.TILES`` (a copy) for one test; ``None`` keeps a value."""
+    tiles = {name: dict(cfg) for name, cfg in nt.TILES.items()}
+    for cfg in tiles.values():
+        for key, val in (('BLOCK_P', block_p), ('BLOCK_D', block_d), ('D_UNROLL', d_unroll)):
+            if val is not None and key in cfg:
+                cfg[key] = val
+    monkeypatch.setattr(nt, 'TILES', tiles)
+    monkeypatch.delenv(nt.TILES_ENV, raising=False)
+
+
 @pytest.fixture
 def interpreter(monkeypatch):
     monkeypatch.setenv('TRITON_INTERPRET', '1')
@@ -69,7 +80,7 @@ def _max_err(x, y):
 @pytest.mark.parametrize('k,H,W,D,B,G,block_p', CASES)
 def test_forward_and_gradients_match_reference(interpreter, monkeypatch, k, H, W, D, B, G,
                                                block_p):
-    monkeypatch.setattr(nt, 'BLOCK_P', block_p)
+    _set_tiles(monkeypatch, block_p=block_p)
     attn, value, grad_out = _inputs(B, G, D, H, W, k)
     ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
     a, v = attn.clone().requires_grad_(), value.clone().requires_grad_()
@@ -83,9 +94,9 @@ def test_forward_and_gradients_match_reference(interpreter, monkeypatch, k, H, W
 
 def test_channel_chunks(interpreter, monkeypatch):
     """D above the forward / grad_value channel tile: two chunks on the grid's second axis, the
-    second one masked (grad_attn streams over all D channels regardless)."""
-    monkeypatch.setattr(nt, 'MAX_BLOCK_D', 8)
-    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    second one masked; grad_attn streams over all D channels in unrolled steps of 4, the last
+    one masked (10 = 4 + 4 + 2)."""
+    _set_tiles(monkeypatch, block_p=256, block_d=8, d_unroll=4)
     k = 5
     attn, value, grad_out = _inputs(1, 2, 10, 5, 7, k, seed=1)
     ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
@@ -115,7 +126,7 @@ def test_inverse_range_formula(k):
 def test_brute_force_cross_check(interpreter, monkeypatch):
     """One border-heavy case against the loop-per-pixel reference of test_ops_na2d."""
     from test_ops_na2d import brute_force_av, from_ours, make, to_ours
-    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    _set_tiles(monkeypatch, block_p=256)
     k = 5
     attn_nat, v_nat = make(2, 1, 8, 6, 5, k, dtype=torch.float32)
     expected = brute_force_av(attn_nat.double(), v_nat.double(), k)
@@ -138,7 +149,7 @@ def _assert_close_low_precision(x, ref, dtype):
 def test_autocast_low_precision(interpreter, monkeypatch, dtype):
     """Under autocast the kernels read fp16/bf16, accumulate in fp32 and return the autocast
     dtype; leaf gradients come back in float32 (the interpreter emulates both dtypes)."""
-    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    _set_tiles(monkeypatch, block_p=256)
     k = 5
     attn, value, grad_out = _inputs(1, 2, 8, 7, 9, k, seed=2)
     # reference from the rounded operands: what is left is accumulation and output rounding
@@ -155,7 +166,7 @@ def test_autocast_low_precision(interpreter, monkeypatch, dtype):
 
 
 def test_saves_only_attn_and_value(interpreter, monkeypatch):
-    monkeypatch.setattr(nt, 'BLOCK_P', 256)
+    _set_tiles(monkeypatch, block_p=256)
     k = 5
     attn, value, _ = _inputs(1, 2, 8, 6, 7, k)
     a, v = attn.requires_grad_(), value.requires_grad_()
@@ -168,6 +179,35 @@ def test_saves_only_attn_and_value(interpreter, monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         nt.na2d_av_triton(a, v, k)
     assert sum(saved) <= a.numel() + v.numel(), saved
+
+
+def test_tiles_file_overrides_defaults(interpreter, monkeypatch, tmp_path):
+    """OVERLOCK_TRITON_TILES: a subset overrides TILES, the kernels run with it (a tile wider than
+    the map), and a typo or a non-power-of-two is refused with the file's name."""
+    import json
+    path = tmp_path / 'tiles.json'
+    path.write_text(json.dumps({'forward': {'BLOCK_P': 512}, 'grad_attn': {'D_UNROLL': 2}}))
+    monkeypatch.setenv(nt.TILES_ENV, str(path))
+    assert nt.tiles('forward')['BLOCK_P'] == 512
+    assert nt.tiles('forward')['BLOCK_D'] == nt.TILES['forward']['BLOCK_D']
+    assert nt.tiles('grad_attn')['D_UNROLL'] == 2
+    k = 5
+    attn, value, grad_out = _inputs(1, 1, 3, 6, 9, k, seed=3)
+    ref_out, ref_ga, _ = _reference(attn, value, grad_out, k)
+    assert _max_err(nt.forward(attn, value, k), ref_out) < TOL
+    assert _max_err(nt.grad_attn(grad_out, value, k), ref_ga) < TOL
+    for bad, match in (({'forwad': {}}, "unknown Triton kernel 'forwad'"),
+                       ({'forward': {'BLOCK_Q': 64}}, "unknown tile 'BLOCK_Q'"),
+                       ({'forward': {'BLOCK_P': 48}}, 'power of two')):
+        bad_path = tmp_path / f'bad{len(match)}.json'
+        bad_path.write_text(json.dumps(bad))
+        monkeypatch.setenv(nt.TILES_ENV, str(bad_path))
+        with pytest.raises(ValueError, match=match) as info:
+            nt.tiles('forward')
+        assert str(bad_path) in str(info.value)
+    monkeypatch.setenv(nt.TILES_ENV, str(tmp_path / 'missing.json'))
+    with pytest.raises(ValueError, match='cannot read Triton tiles'):
+        nt.tiles('forward')
 
 
 def test_raw_kernels_require_contiguous_inputs(interpreter):

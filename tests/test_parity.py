@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from overlock_mm import OverLoCK
-from overlock_mm.heads import OverLoCKClsHead
 from overlock_mm.ops import available_impls
 
 PARITY = Path(__file__).parent / 'data' / 'parity_visible.pt'
@@ -29,6 +28,8 @@ def our_arch(a):
 
 
 def build_classifier(ref, **kw):
+    pytest.importorskip('mmpretrain')  # the classification head (a GPU box may lack mmpretrain)
+    from overlock_mm.heads import OverLoCKClsHead
     arch = our_arch(ref['arch'])
     backbone = OverLoCK(arch, layout='cls', out_indices=(3, 4), **kw)
     c3 = arch['embed_dims'][3]
@@ -89,3 +90,41 @@ def test_switch_to_deploy_keeps_outputs(ref):
         after = det(xin)
     for b, a in zip(before, after):
         assert max_err(b, a) <= TOL
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Full float32 on the GPU: cuDNN convolutions use TF32 by default, which alone moves the
+    outputs by ~1e-3."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+
+
+@needs_cuda
+@pytest.mark.parametrize('impl', ['auto'] + available_impls())
+def test_detection_parity_on_cuda(ref, impl, no_tf32):
+    """The GPU paths ('auto' is 'triton' where triton is installed)."""
+    model = OverLoCK(our_arch(ref['arch']), layout='det', contmix_impl=impl)
+    model.load_state_dict(ref['det']['state_dict'], strict=True)
+    model = model.cuda().eval()
+    for x, expected in zip(ref['det']['inputs'], ref['det']['outputs']):
+        with torch.no_grad():
+            outs = model(x.cuda())
+        for o, e in zip(outs, expected):
+            assert max_err(o.cpu(), e) <= TOL
+
+
+@needs_cuda
+@pytest.mark.parametrize('impl', ['auto'] + available_impls())
+def test_classification_parity_on_cuda(ref, impl, no_tf32):
+    backbone, head = build_classifier(ref, contmix_impl=impl)
+    backbone, head = backbone.cuda(), head.cuda()
+    with torch.no_grad():
+        final, overview = backbone(ref['cls']['input'].cuda())
+        logits = head((final, overview))
+    assert max_err(final.cpu(), ref['cls']['final_features']) <= TOL
+    assert max_err(overview.cpu(), ref['cls']['overview_features']) <= TOL
+    assert max_err(logits.cpu(), ref['cls']['logits']) <= TOL

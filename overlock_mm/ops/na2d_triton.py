@@ -42,7 +42,8 @@ be interpreted if ``TRITON_INTERPRET=1`` was set before ``import triton``. With 
 variable may be set at any time before a call; with ``TRITON_INTERPRET=1`` the implementation
 runs on CPU tensors (that is how the tests check it without a GPU).
 
-Block sizes are static, reasonable GPU defaults, not tuned: no GPU has run these kernels yet.
+Tile sizes (``TILES``) are static per kernel; see :data:`TILES` for how they were chosen and how
+to override them.
 """
 import contextlib
 import functools
@@ -54,12 +55,25 @@ import triton.language as tl
 
 from .neighborhood import lean_av_function
 
-#: pixels per program (flattened ``H * W``); a multiple of the 32-thread warp.
-BLOCK_P = 64
-#: upper bound of channels per forward / grad_value program; ``D`` is padded to a power of two
-#: up to this (masked), a larger ``D`` is split over the grid's second axis.
-MAX_BLOCK_D = 32
-NUM_WARPS = 4
+#: Tile sizes per kernel (compile-time constants; ``num_warps`` is Triton's launch option):
+#:
+#: * ``BLOCK_P``: pixels per program (flattened ``H * W``), a power of two;
+#: * ``BLOCK_D`` (forward, grad_value): most channels per program; ``D`` is padded to a power of
+#:   two up to this (masked), a larger ``D`` is split over the grid's second axis;
+#: * ``D_UNROLL`` (grad_attn): channels per unrolled step of its channel loop.
+#:
+#: The values are what ``tools/analysis/tune_triton.py`` chose on an NVIDIA H200 (triton 3.6,
+#: torch 2.11; OverLoCK-T detection and segmentation maps, batch 1; docs/performance.md): the
+#: fastest of ten candidates per kernel by the geometric mean over those eight maps, 1.6-1.7x
+#: faster than the first, untuned defaults for forward and grad_value.
+#: ``OVERLOCK_TRITON_TILES=/path/tiles.json`` overrides them (same structure, any subset), e.g.
+#: with the choice ``tools/analysis/tune_triton.py`` measured on another GPU.
+TILES: Dict[str, Dict[str, int]] = {
+    'forward': dict(BLOCK_P=128, BLOCK_D=8, num_warps=8),
+    'grad_attn': dict(BLOCK_P=32, D_UNROLL=4, num_warps=2),
+    'grad_value': dict(BLOCK_P=128, BLOCK_D=8, num_warps=8),
+}
+TILES_ENV = 'OVERLOCK_TRITON_TILES'
 
 _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
         torch.float64: tl.float64}
@@ -68,12 +82,15 @@ _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl
 # --------------------------------------------------------------------------------------------
 # Kernel bodies. Plain functions, decorated by _jit(): see the module docstring for why.
 #
-# They use Triton *builtins* only (tl.full, tl.where, tl.minimum, ...), none of the library
-# helpers that triton.language itself defines with @jit (tl.zeros, tl.cdiv, tl.sum, tl.max):
-# those are decorated once, when triton.language is imported, so they stay compiled-only if
-# TRITON_INTERPRET is set later -- and then the interpreter cannot run a kernel calling them.
+# They use Triton *builtins* only (tl.full, tl.where, tl.minimum, tl.static_range, ...), none of
+# the library helpers that triton.language itself defines with @jit (tl.zeros, tl.cdiv, tl.sum,
+# tl.max): those are decorated once, when triton.language is imported, so they stay
+# compiled-only if TRITON_INTERPRET is set later -- and then the interpreter cannot run a kernel
+# calling them.
 #
-# ``K`` (the kernel size) is a compile-time constant so the tap loops have constant trip counts.
+# ``K`` (the kernel size) is a compile-time constant. Each kernel's innermost loop is unrolled
+# (``tl.static_range``): its loads are independent of each other, so an unrolled loop has them
+# all in flight at once instead of paying one memory latency per iteration.
 # The per-(batch, group) base offsets are int64: attn has B*G*k*k*H*W elements, which exceeds
 # 2**31 for large batches at k = 13; offsets inside one plane stay int32.
 # --------------------------------------------------------------------------------------------
@@ -98,7 +115,7 @@ def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_pb, K: tl.constexpr,
     acc = tl.full([BLOCK_D, BLOCK_P], 0.0, dtype=ACC)
     for a in range(K):
         src_row = (si + a) * W + sj
-        for b in range(K):
+        for b in tl.static_range(K):
             w = tl.load(a_base + (a * K + b) * HW + pix, mask=pm, other=0.0).to(ACC)
             v = tl.load(v_rows + (src_row + b)[None, :], mask=m2, other=0.0).to(ACC)
             acc += w[None, :] * v
@@ -107,7 +124,8 @@ def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_pb, K: tl.constexpr,
 
 
 def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_pb, K: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, D_UNROLL: tl.constexpr,
+                    ACC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
@@ -125,12 +143,16 @@ def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_pb, K: tl
     go_base = grad_out_ptr + bg * D * HW + pix
     v_base = value_ptr + bg * D * HW
     # One accumulator per (tap, pixel), streamed over the channels: no cross-lane reduction, and
-    # low-precision outputs are rounded once, after the whole fp32 sum.
+    # low-precision outputs are rounded once, after the whole fp32 sum. D_UNROLL channels per
+    # step (the last step masked when D_UNROLL does not divide D).
     acc = tl.full([BLOCK_K, BLOCK_P], 0.0, dtype=ACC)
-    for d in range(D):
-        go = tl.load(go_base + d * HW, mask=pm, other=0.0).to(ACC)
-        v = tl.load(v_base + d * HW + nbr, mask=m2, other=0.0).to(ACC)
-        acc += go[None, :] * v
+    for d0 in range(0, D, D_UNROLL):
+        for dd in tl.static_range(D_UNROLL):
+            d = d0 + dd
+            dm = d < D
+            go = tl.load(go_base + d * HW, mask=pm & dm, other=0.0).to(ACC)
+            v = tl.load(v_base + d * HW + nbr, mask=m2 & dm, other=0.0).to(ACC)
+            acc += go[None, :] * v
     ga_ptr = grad_attn_ptr + bg * (K * K) * HW + (a * K + b)[:, None] * HW + pix[None, :]
     tl.store(ga_ptr, acc.to(grad_attn_ptr.dtype.element_ty), mask=m2)
 
@@ -170,7 +192,18 @@ def _grad_value_body(attn_ptr, grad_out_ptr, grad_value_ptr, D, H, W, n_pb, K: t
         i = i_lo + u
         im = pm & (i <= i_hi)
         ta = p - tl.minimum(tl.maximum(i - R, 0), H - K)  # tap row through which i reads p
-        for v in range(0, n_j):
+        # Columns: the first K (every tile has at least K) unrolled, the border tiles' longer
+        # ranges in a plain loop. The two bodies are the same; Triton cannot call an undecorated
+        # helper, and a decorated one would break the lazy interpreter switch.
+        for v in tl.static_range(K):
+            j = j_lo + v
+            m = im & (j <= j_hi)
+            tb = q - tl.minimum(tl.maximum(j - R, 0), W - K)
+            o = i * W + j
+            w = tl.load(a_base + (ta * K + tb) * HW + o, mask=m, other=0.0).to(ACC)
+            g = tl.load(go_rows + o[None, :], mask=dm[:, None] & m[None, :], other=0.0).to(ACC)
+            acc += w[None, :] * g
+        for v in range(K, n_j):
             j = j_lo + v
             m = im & (j <= j_hi)
             tb = q - tl.minimum(tl.maximum(j - R, 0), W - K)
@@ -207,7 +240,11 @@ def _jit(interpret: bool) -> Dict[str, Callable]:
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, 'knobs', None)  # triton >= 3.4; older ones read the variable
+    if knobs is None:
+        import os
+        return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+    return bool(knobs.runtime.interpret)
 
 
 def _kernels() -> Dict[str, Callable]:
@@ -219,9 +256,43 @@ def _kernels() -> Dict[str, Callable]:
 # Launchers (no autograd). Contiguous tensors of one dtype on one device.
 # --------------------------------------------------------------------------------------------
 
-def _blocks(d: int) -> Tuple[int, int]:
-    """``(BLOCK_P, BLOCK_D)``: ``D`` rounded up to a power of two (masked), capped."""
-    return BLOCK_P, min(triton.next_power_of_2(d), MAX_BLOCK_D)
+def _read_tiles_file(path: str) -> Dict[str, Dict[str, int]]:
+    """``TILES`` updated from a JSON file (``OVERLOCK_TRITON_TILES``), validated."""
+    import json
+    hint = (f'{TILES_ENV}={path}: expected JSON like {json.dumps(TILES)} (any subset), e.g. '
+            'written by tools/analysis/tune_triton.py; unset the variable to use the defaults.')
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read Triton tiles: {e}. {hint}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'Triton tiles must be a JSON object. {hint}')
+    tiles = {name: dict(cfg) for name, cfg in TILES.items()}
+    for name, cfg in data.items():
+        if name not in tiles or not isinstance(cfg, dict):
+            raise ValueError(f'unknown Triton kernel {name!r} (valid: {sorted(tiles)}). {hint}')
+        for key, val in cfg.items():
+            if key not in tiles[name]:
+                raise ValueError(f'unknown tile {key!r} for {name!r} (valid: '
+                                 f'{sorted(tiles[name])}). {hint}')
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1 or val & (val - 1):
+                raise ValueError(f'{name}.{key} must be a positive power of two, got {val!r}. '
+                                 f'{hint}')
+            tiles[name][key] = val
+    return tiles
+
+
+@functools.lru_cache(maxsize=4)
+def _tiles_from(path: str) -> Dict[str, Dict[str, int]]:
+    return _read_tiles_file(path)
+
+
+def tiles(name: str) -> Dict[str, int]:
+    """The tile sizes kernel ``name`` launches with: ``TILES``, or the file in ``TILES_ENV``."""
+    import os
+    path = os.environ.get(TILES_ENV)
+    return dict((_tiles_from(path) if path else TILES)[name])
 
 
 def _check(*tensors: torch.Tensor) -> None:
@@ -238,20 +309,24 @@ def _check(*tensors: torch.Tensor) -> None:
 
 def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor, k: int) -> None:
     b, g, d, h, w = value_like.shape
-    bp, bd = _blocks(d)
-    n_pb = triton.cdiv(h * w, bp)  # pixel tiles per (batch, group) plane
+    tile = tiles(name)
+    num_warps = tile.pop('num_warps')
+    n_pb = triton.cdiv(h * w, tile['BLOCK_P'])  # pixel tiles per (batch, group) plane
     if name == 'grad_attn':
         # second grid axis: the k tap rows; each program holds all k taps of its row
-        grid, tile = (b * g * n_pb, k), {'BLOCK_K': triton.next_power_of_2(k)}
+        grid = (b * g * n_pb, k)
+        tile['BLOCK_K'] = triton.next_power_of_2(k)
     else:
-        grid, tile = (b * g * n_pb, triton.cdiv(d, bd)), {'BLOCK_D': bd}
+        # D rounded up to a power of two (masked), at most BLOCK_D per program
+        tile['BLOCK_D'] = min(triton.next_power_of_2(d), tile['BLOCK_D'])
+        grid = (b * g * n_pb, triton.cdiv(d, tile['BLOCK_D']))
     kernel = _kernels()[name]
     # Triton launches on the current CUDA device; make it the tensors' one.
     device = value_like.device
     ctx = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
     with ctx:
-        kernel[grid](*args, d, h, w, n_pb, K=k, BLOCK_P=bp, ACC=_ACC[value_like.dtype],
-                     num_warps=NUM_WARPS, **tile)
+        kernel[grid](*args, d, h, w, n_pb, K=k, ACC=_ACC[value_like.dtype], num_warps=num_warps,
+                     **tile)
 
 
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:

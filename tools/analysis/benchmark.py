@@ -261,12 +261,73 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat:
     return statistics.median(times), times, mem.peak
 
 
+def graph_time(fns: Sequence[Callable[[], object]], device: torch.device, replays: int = 20
+               ) -> Tuple[Optional[float], Optional[str]]:
+    """CUDA: GPU seconds per call of ``fns``, without the host's launch overhead.
+
+    The calls are captured once into a CUDA graph (after two warm-up rounds on a side stream,
+    which also compiles Triton kernels) and the graph is replayed ``replays`` times between CUDA
+    events; the result is the median replay over ``len(fns)``. Give each function its own inputs,
+    together larger than the L2 cache (:func:`input_sets`), so that no call finds its operands
+    left in the cache by the previous one. Returns ``(None, reason)`` where capture fails (an
+    implementation that synchronises, say); the caller then keeps its wall-clock time.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for fn in fns:
+                fn()
+    except Exception as e:  # noqa: BLE001 - any capture failure: fall back to wall time
+        synchronize(device)
+        return None, f'{type(e).__name__}: {e}'[:200]
+    graph.replay()
+    synchronize(device)
+    times = []
+    for _ in range(replays):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(fns))
+    del graph
+    synchronize(device)
+    torch.cuda.empty_cache()
+    return statistics.median(times), None
+
+
+def input_sets(device: torch.device, set_bytes: int, max_sets: int = 64) -> int:
+    """How many copies of a call's inputs :func:`graph_time` should rotate through: together at
+    least three times the GPU's L2 cache (1 on CPU, where timing uses one set)."""
+    if device.type != 'cuda':
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), 'L2_cache_size', 64 << 20)
+    return max(1, min(max_sets, math.ceil(3 * l2 / max(set_bytes, 1))))
+
+
 def copy_bandwidth(device: torch.device, mbytes: int = 256, repeat: int = 10) -> float:
-    """Copy bandwidth in bytes/s: ``dst.copy_(src)`` of ``mbytes`` MB, read + write counted."""
+    """Copy bandwidth in bytes/s: ``dst.copy_(src)`` of ``mbytes`` MB, read + write counted.
+
+    The destination is preallocated and warmed; on CUDA the copies are timed by
+    :func:`graph_time` (no launch overhead, 256 MB is larger than any L2 cache).
+    """
     n = mbytes * (1 << 20) // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    t = statistics.median(time_it(lambda: dst.copy_(src), device, warmup=3, repeat=repeat))
+    t = None
+    if device.type == 'cuda':
+        t, _ = graph_time([lambda: dst.copy_(src)], device, replays=repeat)
+    if t is None:
+        t = statistics.median(time_it(lambda: dst.copy_(src), device, warmup=3, repeat=repeat))
     return 2 * src.numel() * src.element_size() / t
 
 
@@ -353,8 +414,9 @@ def contmix_geometry(variant: str) -> Dict[int, Dict[str, int]]:
 
 
 def op_cases(variants: Sequence[str], tasks: Sequence[str], kernels: Sequence[str],
-             cls_batch: int) -> List[OpCase]:
-    """The ``na2d_av`` calls each variant makes at each task's input size."""
+             cls_batch: int, dense_batch: int = 1) -> List[OpCase]:
+    """The ``na2d_av`` calls each variant makes at each task's input size (batch ``cls_batch``
+    for classification, ``dense_batch`` for detection and segmentation)."""
     cases = []
     for variant in variants:
         geo = contmix_geometry(variant)
@@ -371,7 +433,7 @@ def op_cases(variants: Sequence[str], tasks: Sequence[str], kernels: Sequence[st
                     if min(h, w) < kl:
                         hh, ww = (kl, int(kl / h * w)) if h < w else (int(kl / w * h), kl)
                     cases.append(OpCase(variant, task, stage, kernel, k,
-                                        cls_batch if task == 'cls' else 1, g['groups'],
+                                        cls_batch if task == 'cls' else dense_batch, g['groups'],
                                         g['head_dim'], hh, ww))
     return cases
 
@@ -401,60 +463,86 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     from overlock_mm.ops import na2d_av
     b, g, d, h, w, k = case.batch, case.groups, case.head_dim, case.height, case.width, case.k
     gen = torch.Generator(device='cpu').manual_seed(0)
-    attn = torch.randn(b, g, k * k, h, w, generator=gen).softmax(dim=2).to(device)
-    value = torch.randn(b, g, d, h, w, generator=gen).to(device)
-    grad_out = torch.randn(b, g, d, h, w, generator=gen).to(device)
-    fwd_bytes, bwd_bytes = case.bytes_moved(value.element_size())
+    fwd_bytes, bwd_bytes = case.bytes_moved(4)
+    # On CUDA each timed call reads its own copy of the inputs (graph_time); on CPU one set.
+    n_sets = input_sets(device, fwd_bytes + bwd_bytes)
+    sets = []
+    for _ in range(n_sets):
+        attn = torch.randn(b, g, k * k, h, w, generator=gen).softmax(dim=2).to(device)
+        value = torch.randn(b, g, d, h, w, generator=gen).to(device)
+        grad_out = torch.randn(b, g, d, h, w, generator=gen).to(device)
+        sets.append((attn, value, grad_out))
+    attn, value, grad_out = sets[0]
     result = dict(case=asdict(case), name=case.name, bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes,
-                  macs=case.macs,
+                  macs=case.macs, input_sets=n_sets,
                   roofline_fwd_s=fwd_bytes / bandwidth,
                   roofline_fwdbwd_s=(fwd_bytes + bwd_bytes) / bandwidth, impls={})
 
-    def record(name: str, fwd: Callable[[], object], fwdbwd: Callable[[], object],
+    def record(name: str, fwds: List[Callable[[], object]], fwdbwds: List[Callable[[], object]],
                rep: int, mt: float, wu: int = warmup) -> None:
-        t_f, ts_f, _ = measure(fwd, device, wu, rep, mt, memory_call=True)
-        t_fb, ts_fb, mem = measure(fwdbwd, device, wu, rep, mt, memory_call=True)
-        result['impls'][name] = dict(fwd_s=t_f, fwd_times=ts_f, fwdbwd_s=t_fb,
-                                     fwdbwd_times=ts_fb, fwdbwd_peak_bytes=mem,
-                                     roofline_fwd=result['roofline_fwd_s'] / t_f,
-                                     roofline_fwdbwd=result['roofline_fwdbwd_s'] / t_fb)
+        t_f, ts_f, _ = measure(fwds[0], device, wu, rep, mt, memory_call=True)
+        t_fb, ts_fb, mem = measure(fwdbwds[0], device, wu, rep, mt, memory_call=True)
+        m = dict(fwd_s=t_f, fwd_times=ts_f, fwdbwd_s=t_fb, fwdbwd_times=ts_fb,
+                 fwdbwd_peak_bytes=mem, timing='wall clock per call')
+        if device.type == 'cuda':
+            # GPU time (graph replays over rotated inputs); the eager per-call wall time, which
+            # includes Python and launch overhead, stays in the JSON as *_call_s.
+            g_f, err_f = graph_time(fwds, device)
+            g_fb, err_fb = graph_time(fwdbwds, device)
+            m.update(fwd_call_s=t_f, fwdbwd_call_s=t_fb)
+            if g_f is not None and g_fb is not None:
+                m.update(fwd_s=g_f, fwdbwd_s=g_fb,
+                         timing=f'CUDA graph replay, {len(fwds)} input sets')
+            else:
+                m['graph_error'] = err_f or err_fb
+        m.update(roofline_fwd=result['roofline_fwd_s'] / m['fwd_s'],
+                 roofline_fwdbwd=result['roofline_fwdbwd_s'] / m['fwdbwd_s'])
+        result['impls'][name] = m
 
     with torch.no_grad():
         expected = na2d_av(attn, value, k, impl='reference')
     for impl in impls:
         with torch.no_grad():  # a fast but wrong kernel must not go unnoticed
             err = (na2d_av(attn, value, k, impl=impl) - expected).abs().max().item()
-        a = attn.clone().requires_grad_()
-        v = value.clone().requires_grad_()
+        fwds, fwdbwds = [], []
+        for s_attn, s_value, s_grad in sets:
+            a = s_attn.clone().requires_grad_()
+            v = s_value.clone().requires_grad_()
 
-        def fwd(impl=impl):
-            with torch.no_grad():
-                return na2d_av(attn, value, k, impl=impl)
+            def fwd(impl=impl, s_attn=s_attn, s_value=s_value):
+                with torch.no_grad():
+                    return na2d_av(s_attn, s_value, k, impl=impl)
 
-        def fwdbwd(impl=impl, a=a, v=v):
-            a.grad = v.grad = None
-            na2d_av(a, v, k, impl=impl).backward(grad_out)
+            def fwdbwd(impl=impl, a=a, v=v, s_grad=s_grad):
+                a.grad = v.grad = None
+                na2d_av(a, v, k, impl=impl).backward(s_grad)
 
+            fwds.append(fwd)
+            fwdbwds.append(fwdbwd)
         if impl == 'reference':
-            record(impl, fwd, fwdbwd, ref_repeat, 0., min(warmup, 1))  # seconds per call
+            record(impl, fwds, fwdbwds, ref_repeat, 0., min(warmup, 1))  # seconds per call
         else:
-            record(impl, fwd, fwdbwd, repeat, min_time)
+            record(impl, fwds, fwdbwds, repeat, min_time)
         result['impls'][impl]['max_abs_err_fwd'] = err
-        del a, v
+        del fwds, fwdbwds
 
-    x = value.reshape(b, g * d, h, w).clone()
-    weight = torch.randn(g * d, 1, k, k, generator=gen).to(device)
-    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    fwds, fwdbwds = [], []
+    for s_attn, s_value, s_grad in sets:
+        x = s_value.reshape(b, g * d, h, w).clone()
+        weight = torch.randn(g * d, 1, k, k, generator=gen).to(device)
+        xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
 
-    def conv_fwd():
-        with torch.no_grad():
-            return _dwconv(x, weight)
+        def conv_fwd(x=x, weight=weight):
+            with torch.no_grad():
+                return _dwconv(x, weight)
 
-    def conv_fwdbwd():
-        xg.grad = wg.grad = None
-        _dwconv(xg, wg).backward(grad_out.reshape(b, g * d, h, w))
+        def conv_fwdbwd(xg=xg, wg=wg, s_grad=s_grad):
+            xg.grad = wg.grad = None
+            _dwconv(xg, wg).backward(s_grad.reshape(b, g * d, h, w))
 
-    record('dwconv', conv_fwd, conv_fwdbwd, repeat, min_time)
+        fwds.append(conv_fwd)
+        fwdbwds.append(conv_fwdbwd)
+    record('dwconv', fwds, fwdbwds, repeat, min_time)
     return result
 
 
@@ -470,7 +558,7 @@ def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
     variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])
     tasks = args.tasks or ['cls', 'det', 'seg']
     kernels = ['large', 'small']
-    cases = op_cases(variants, tasks, kernels, args.cls_batch)
+    cases = op_cases(variants, tasks, kernels, args.cls_batch, args.dense_batch)
     print(f'\n== Op level: na2d_av, {len(cases)} cases, impls {impls} + dwconv; ours = {ours!r}; '
           f'warm-up {args.warmup}, median of >= {args.repeat} calls and >= {args.min_time} s '
           f'(reference: warm-up {min(args.warmup, 1)}, {args.ref_repeat} calls) ==')
@@ -831,10 +919,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'like docs/performance.md\'s anchors; 1 for steadier numbers)')
     parser.add_argument('--cls-batch', type=int, default=4,
                         help='batch size of the classification cases (default 4)')
+    parser.add_argument('--dense-batch', type=int, default=1,
+                        help='op level: batch size of the detection and segmentation cases '
+                             '(default 1, as the targets are stated; a GPU is only filled by '
+                             'more)')
     parser.add_argument('--threads', type=int,
                         help='torch (and CPU kernel) threads; 1 is the robust choice when '
                              'another process shares the cores (default: torch\'s default)')
     parser.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: cuda if present)")
+    parser.add_argument('--cudnn-benchmark', action='store_true',
+                        help='CUDA: let cuDNN time its algorithms per shape (torch.backends.cudnn.'
+                             'benchmark, mmengine env_cfg cudnn_benchmark=True); both sides')
     parser.add_argument('--json', help='write every number to this file')
     parser.add_argument('--no-reexec', action='store_true',
                         help=f'do not restart with {_MMAP_ENV} (CPU peak memory less exact)')
@@ -861,6 +956,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from overlock_mm.ops import auto_impl
     ours = auto_impl(device.type)
     info = machine_info(device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+        info['cudnn_benchmark'] = torch.backends.cudnn.benchmark
     if device.type == 'cpu' and ours == 'cpu':
         from overlock_mm.ops import na2d_cpu
         info['cpu_kernel_available'] = na2d_cpu.is_available()

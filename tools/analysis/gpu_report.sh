@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# On a CUDA machine: check the GPU paths and measure them, in one go (about 8 minutes).
+#
+#   bash tools/analysis/gpu_report.sh [OUT_DIR]        (default work_dirs/gpu_report)
+#
+# 1. tests of the compiled Triton kernels and parity with the released weights on CUDA;
+# 2. tools/analysis/tune_triton.py: tile sizes for this GPU -> OUT_DIR/tiles.json, used below
+#    through OVERLOCK_TRITON_TILES (TUNE=0 skips this and keeps the package's tiles);
+# 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection);
+# 4. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more).
+# Each step has a time limit; BUDGET_S (default 520) bounds the whole run. JSON, tiles and logs go
+# to OUT_DIR.
+set -u
+OUT=${1:-work_dirs/gpu_report}
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-520}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# step NAME MAX_SECONDS COMMAND...: run with a limit of MAX_SECONDS or what the budget has left
+step() {
+    local name=$1 max=$2
+    shift 2
+    local left=$((BUDGET_S - SECONDS - 10))
+    local limit=$((left < max ? left : max))
+    if [ "$limit" -lt 20 ]; then
+        echo "== $name: skipped (budget spent)"
+        return 0
+    fi
+    echo "== $name (limit ${limit}s, at ${SECONDS}s)"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS}s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))" 2>&1 | tee -a "$OUT/gpu.txt"
+
+step tests 90 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+    tests/test_ops_triton.py tests/test_parity.py
+if [ "${TUNE:-1}" != 0 ]; then
+    step tune 150 $PY tools/analysis/tune_triton.py --out "$OUT/tiles.json" --json "$OUT/tune.json"
+    if [ -s "$OUT/tiles.json" ]; then
+        export OVERLOCK_TRITON_TILES=$OUT/tiles.json
+    fi
+fi
+# 'native' is left out: graph-capturing its thousands of small launches takes minutes
+step ops 100 $PY tools/analysis/benchmark.py --ops --impls triton reference --min-time 0.1 \
+    --no-reexec --json "$OUT/bench_ops.json"
+step models 100 $PY tools/analysis/benchmark.py --models --model-warmup 2 --model-repeat 5 \
+    --no-reexec --json "$OUT/bench_models.json"
+step ops_b8 90 $PY tools/analysis/benchmark.py --ops --impls triton reference --tasks det \
+    --dense-batch 8 --min-time 0.1 --no-reexec --json "$OUT/bench_ops_b8.json"
+echo "== done at ${SECONDS}s"
