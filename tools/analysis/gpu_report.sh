@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))" 2>&1 | tee -a "$OUT/gpu.txt"
 
-step tests 90 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+step tests 150 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     tests/test_ops_triton.py tests/test_parity.py
 if [ "${TUNE:-1}" != 0 ]; then
     step tune 150 $PY tools/analysis/tune_triton.py --out "$OUT/tiles.json" --json "$OUT/tune.json"

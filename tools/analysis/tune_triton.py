@@ -20,12 +20,13 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402  (graph_time, input_sets, op_cases: one way to time and to pick shapes)
+# graph_time, input_sets, op_cases: one way to time and to pick the shapes
+import benchmark  # noqa: E402
 
 TOL = 1e-4
 
@@ -187,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = tune(args, device)
     chosen = choose(report)
     print_table(report, chosen, defaults)
-    report.update(chosen=chosen, defaults=defaults, device=str(device), wall_s=time.perf_counter() - t0,
+    report.update(chosen=chosen, defaults=defaults, device=str(device),
+                  wall_s=time.perf_counter() - t0,
                   gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
                   torch=torch.__version__)
     print(f'\nchosen: {json.dumps(chosen)}  ({report["wall_s"]:.0f} s)')
