@@ -474,13 +474,14 @@ struct GvalueChunk {
 
 // --------------------------------------------------------------------------- chunk dispatch
 // Channel chunks are powers of two (8, 4, 2, 1): few template instances keep the build short.
-template <typename T, template <typename, int> class K, typename... Args>
-void dispatch_chunk(int dc, Args... args) {
+// f receives the chunk as a compile-time constant (std::integral_constant).
+template <typename F>
+void with_chunk(int dc, F&& f) {
   switch (dc) {
-    case 8: K<T, 8>::run(args...); break;
-    case 4: K<T, 4>::run(args...); break;
-    case 2: K<T, 2>::run(args...); break;
-    case 1: K<T, 1>::run(args...); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
     default: break;
   }
 }
@@ -498,23 +499,15 @@ inline std::vector<std::pair<int64_t, int>> channel_chunks(int64_t D) {
 // Tasks: blocks of kRowsPerTask rows of one group, walked in pairs.
 inline int64_t num_tasks(const Geo& g) { return g.BG * ((g.H + kRowsPerTask - 1) / kRowsPerTask); }
 
-// Tile kernels K<T, DC>::run<MODE> (forward, grad_attn): channel chunk and tile MODE are
-// template parameters, picked here at run time.
-template <typename T, template <typename, int> class K, int MODE, typename... Args>
-void dispatch_chunk_mode(int dc, Args... args) {
-  switch (dc) {
-    case 8: K<T, 8>::template run<MODE>(args...); break;
-    case 4: K<T, 4>::template run<MODE>(args...); break;
-    case 2: K<T, 2>::template run<MODE>(args...); break;
-    case 1: K<T, 1>::template run<MODE>(args...); break;
-    default: break;
-  }
-}
+// Tile kernels K<T, DC>::run<MODE> (grad_attn): channel chunk and tile MODE are template
+// parameters, picked here at run time.
 template <typename T, template <typename, int> class K, typename... Args>
 void dispatch_tile(int dc, int mode, Args... args) {
-  if (mode == 0) dispatch_chunk_mode<T, K, 0>(dc, args...);
-  else if (mode == 1) dispatch_chunk_mode<T, K, 1>(dc, args...);
-  else dispatch_chunk_mode<T, K, 2>(dc, args...);
+  with_chunk(dc, [&](auto c) {
+    if (mode == 0) K<T, decltype(c)::value>::template run<0>(args...);
+    else if (mode == 1) K<T, decltype(c)::value>::template run<1>(args...);
+    else K<T, decltype(c)::value>::template run<2>(args...);
+  });
 }
 
 // Tiles of a row for the grad_attn kernel: L pixels starting at min(t * L, W - L)
@@ -814,9 +807,11 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
       for (int64_t q0 = 0; q0 < g.W; q0 += L) {
         const int nq = (int)std::min<int64_t>(L, g.W - q0);
         for (auto& ch : chunks)
-          dispatch_chunk<T, GvalueChunk>(ch.second, (const T*)ap[0], (const T*)ap[1],
+          with_chunk(ch.second, [&](auto c) {
+            GvalueChunk<T, decltype(c)::value>::run((const T*)ap[0], (const T*)ap[1],
                                          (const unsigned char*)vld, GP + ch.first * g.H * WG,
                                          GV + ch.first * HW + p * g.W, g, WG, ilo, ni, np, q0, nq);
+          });
       }
       if (r == 0) continue;
       // Border pixels: the r pixels on each side share the window starting at 0 (or W - k);
