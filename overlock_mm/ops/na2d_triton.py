@@ -308,7 +308,9 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor, k: int) -> None:
-    b, g, d, h, w = value_like.shape
+    # plain ints: under torch.jit.trace (FLOP counting) sizes are traced 0-d tensors, which
+    # Triton's launcher would take for pointers
+    b, g, d, h, w = (int(n) for n in value_like.shape)
     tile = tiles(name)
     num_warps = tile.pop('num_warps')
     n_pb = triton.cdiv(h * w, tile['BLOCK_P'])  # pixel tiles per (batch, group) plane

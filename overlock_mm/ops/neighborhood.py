@@ -165,13 +165,20 @@ class _NeighborhoodAV(torch.autograd.Function):
         return grad_attn, grad_value, None
 
 
+#: class names of the autograd functions that compute ``na2d_av`` (``'native'`` and every
+#: :func:`lean_av_function`): a jit trace shows each as ``prim::PythonOp.<name>``, and the FLOP
+#: counter (utils/complexity.py) gives each the aggregation's handle.
+AV_FUNCTION_NAMES: List[str] = ['_NeighborhoodAV']
+
+
 def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
                      grad_value: Callable) -> type:
     """An autograd function for a kernel-backed implementation (``'cpu'``, ``'triton'``).
 
     It saves ``attn`` and ``value`` only and calls ``forward(attn, value, k)``,
     ``grad_attn(grad_out, value, k)`` and ``grad_value(grad_out, attn, k)``. ``name`` becomes the
-    class name, which is what traced graphs (FLOP counting) show as ``PythonOp.<name>``.
+    class name, which is what traced graphs (FLOP counting) show as ``PythonOp.<name>``; it is
+    added to :data:`AV_FUNCTION_NAMES`.
     """
     def fwd(ctx, attn, value, kernel_size):
         ctx.save_for_backward(attn, value)
@@ -187,6 +194,8 @@ def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
         gv = grad_value(grad_out, attn, k) if ctx.needs_input_grad[1] else None
         return ga, gv, None
 
+    if name not in AV_FUNCTION_NAMES:
+        AV_FUNCTION_NAMES.append(name)
     return type(name, (torch.autograd.Function,),
                 dict(forward=staticmethod(fwd), backward=staticmethod(bwd),
                      __doc__=f'{name}: saves attn and value only (lean_av_function).'))

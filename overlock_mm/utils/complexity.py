@@ -18,13 +18,12 @@ import torch
 from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 
-#: operator name in the trace -> breakdown category
+#: operator name in the trace -> breakdown category (plus ``PythonOp.<name>`` -> 'aggregation'
+#: for every name in ``ops.neighborhood.AV_FUNCTION_NAMES``: see :func:`_categories`)
 CATEGORIES = {
     'conv': 'convolutions',  # mmengine's name for aten::_convolution
     'matmul': 'convolutions',  # ContMix weight_proj (a 1x1 conv in the release) as a matmul
     'einsum': 'affinity',
-    'PythonOp._NeighborhoodAV': 'aggregation',  # impl 'native' (ops/neighborhood.py)
-    'PythonOp._CpuNeighborhoodAV': 'aggregation',  # impl 'cpu' (ops/na2d_cpu.py)
 }
 REFERENCE_CATEGORIES = ('convolutions', 'aggregation', 'affinity')
 
@@ -53,24 +52,38 @@ def _matmul_handle(inputs, outputs):
 
 
 HANDLES = {
-    'prim::PythonOp._NeighborhoodAV': _aggregation_handle,
-    'prim::PythonOp._CpuNeighborhoodAV': _aggregation_handle,
     'aten::einsum': _einsum_handle,
     'aten::matmul': _matmul_handle,
 }
 
 
+def _av_functions():
+    """The aggregation's autograd functions as traced (``'native'``, ``'cpu'``, ``'triton'``)."""
+    from ..ops.neighborhood import AV_FUNCTION_NAMES
+    return [f'PythonOp.{name}' for name in AV_FUNCTION_NAMES]
+
+
+def _handles() -> Dict[str, object]:
+    return {**HANDLES, **{f'prim::{op}': _aggregation_handle for op in _av_functions()}}
+
+
+def _categories() -> Dict[str, str]:
+    return {**CATEGORIES, **{op: 'aggregation' for op in _av_functions()}}
+
+
 def flop_breakdown(model: torch.nn.Module, inputs) -> Dict[str, int]:
     """MACs per category (``convolutions``, ``aggregation``, ``affinity``, ``other``)."""
-    analyzer = FlopAnalyzer(model, inputs).set_op_handle(**HANDLES)
+    analyzer = FlopAnalyzer(model, inputs).set_op_handle(**_handles())
     analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_operator = analyzer.by_operator()  # runs the trace; unsupported_ops() needs it first
     unsupported = [k for k in analyzer.unsupported_ops() if k.startswith('prim::PythonOp')]
     if unsupported:
-        raise RuntimeError(f'uncounted custom ops in the trace: {unsupported}; add a handle '
-                           f'in overlock_mm/utils/complexity.py.')
+        raise RuntimeError(f'uncounted custom ops in the trace: {unsupported}; build an '
+                           'aggregation with ops.neighborhood.lean_av_function (counted '
+                           'automatically) or add a handle in overlock_mm/utils/complexity.py.')
+    categories = _categories()
     counts = Counter()
     for op, n in by_operator.items():
-        counts[CATEGORIES.get(op, 'other')] += n
+        counts[categories.get(op, 'other')] += n
     counts['total'] = sum(counts[c] for c in REFERENCE_CATEGORIES)
     return dict(counts)
