@@ -40,7 +40,9 @@ Triton builtins only: triton's own ``@jit`` library helpers (``tl.sum``, ``tl.ma
 ``tl.zeros``) are decorated when ``triton.language`` is imported, so a kernel using them can only
 be interpreted if ``TRITON_INTERPRET=1`` was set before ``import triton``. With that design the
 variable may be set at any time before a call; with ``TRITON_INTERPRET=1`` the implementation
-runs on CPU tensors (that is how the tests check it without a GPU).
+runs on CPU tensors (that is how the tests check it without a GPU). The interpreter of triton
+<= 3.6 with numpy >= 2.4 cannot run loops with a runtime bound (triton-lang/triton#9171, seen
+with triton 3.6.0); compiled kernels are unaffected.
 
 Tile sizes (``TILES``) are static per kernel; see :data:`TILES` for how they were chosen and how
 to override them.
