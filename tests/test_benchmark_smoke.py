@@ -37,3 +37,13 @@ def test_ops_and_dwconv_levels(tmp_path):
     assert any(c['kernel'] == 17 for c in dw['cases'])
     assert all(c[k] > 0 for c in dw['cases']
                for k in ('fwd_torch', 'fwd_ours', 'fwdbwd_torch', 'fwdbwd_ours'))
+
+
+def test_profile_step_prints_a_table():
+    spec = importlib.util.spec_from_file_location('olk_profile_step',
+                                                  ROOT / 'tools/analysis/profile_step.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = mod.main(['--variant', 'xt', '--task', 'cls', '--mode', 'train', '--warmup', '0',
+                      '--rows', '5', '--device', 'cpu'])
+    assert 'aten::' in table and 'Self CPU' in table

@@ -7,7 +7,8 @@
 # 2. tools/analysis/tune_triton.py: tile sizes for this GPU -> OUT_DIR/tiles.json, used below
 #    through OVERLOCK_TRITON_TILES (TUNE=0 skips this and keeps the package's tiles);
 # 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection);
-# 4. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more).
+# 4. profile_step.py: where an OverLoCK-T detection training step spends its GPU time;
+# 5. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more).
 # Each step has a time limit; BUDGET_S (default 520) bounds the whole run. JSON, tiles and logs go
 # to OUT_DIR.
 set -u
@@ -50,6 +51,7 @@ step ops 100 $PY tools/analysis/benchmark.py --ops --impls triton reference --mi
     --no-reexec --json "$OUT/bench_ops.json"
 step models 100 $PY tools/analysis/benchmark.py --models --model-warmup 2 --model-repeat 5 \
     --no-reexec --json "$OUT/bench_models.json"
+step profile 60 $PY tools/analysis/profile_step.py --variant t --task det --rows 25
 step ops_b8 90 $PY tools/analysis/benchmark.py --ops --impls triton reference --tasks det \
     --dense-batch 8 --min-time 0.1 --no-reexec --json "$OUT/bench_ops_b8.json"
 echo "== done at ${SECONDS}s"

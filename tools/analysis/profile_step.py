@@ -1,0 +1,74 @@
+"""Where one backbone training (or inference) step spends its time: torch.profiler's table.
+
+    python tools/analysis/profile_step.py --variant t --task det            # CUDA if present
+    python tools/analysis/profile_step.py --impl reference --rows 25 --mode infer
+
+A training step is the one ``benchmark.py`` times (forward, ``sum(mean(outputs))``, backward),
+after ``--warmup`` untimed steps; on CUDA the table is sorted by GPU time (``cuda_time_total``),
+on CPU by CPU time. A diagnostic printout, not a measurement to quote: the profiler adds its own
+overhead per op.
+"""
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import LAYOUT, MODEL_INPUTS  # noqa: E402  (the benchmark's sizes and layouts)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--variant', default='t', choices=['xt', 't', 's', 'b'])
+    parser.add_argument('--task', default='det', choices=sorted(MODEL_INPUTS))
+    parser.add_argument('--impl', default='auto', help="contmix_impl ('auto', 'reference', ...)")
+    parser.add_argument('--mode', default='train', choices=['train', 'infer'])
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--rows', type=int, default=20, help='table rows')
+    parser.add_argument('--device', help="'cuda' or 'cpu' (default: cuda if present)")
+    parser.add_argument('--cudnn-benchmark', action='store_true')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = parse_args(argv)
+    from overlock_mm import OverLoCK
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.manual_seed(0)
+    model = OverLoCK(args.variant, layout=LAYOUT[args.task], contmix_impl=args.impl).to(device)
+    x = torch.randn(args.batch, 3, *MODEL_INPUTS[args.task], device=device)
+    model.train(args.mode == 'train')
+
+    def step():
+        if args.mode == 'train':
+            model.zero_grad(set_to_none=True)
+            sum(o.float().mean() for o in model(x)).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda'
+                                           else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
+    table = prof.key_averages().table(sort_by=key, row_limit=args.rows,
+                                      max_name_column_width=70)
+    print(f'{args.variant} {args.task} {args.mode} {args.impl} batch {args.batch} '
+          f'{MODEL_INPUTS[args.task]} on {device}, sorted by {key}')
+    print(table)
+    return table
+
+
+if __name__ == '__main__':
+    main()
