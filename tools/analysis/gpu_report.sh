@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine: check the GPU paths and measure them, in one go (about 8 minutes).
+# On a CUDA machine: check the GPU paths and measure them, in one go (about 10 minutes).
 #
 #   bash tools/analysis/gpu_report.sh [OUT_DIR]        (default work_dirs/gpu_report)
 #
@@ -9,12 +9,12 @@
 # 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection);
 # 4. profile_step.py: where an OverLoCK-T detection training step spends its GPU time;
 # 5. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more).
-# Each step has a time limit; BUDGET_S (default 520) bounds the whole run. JSON, tiles and logs go
+# Each step has a time limit; BUDGET_S (default 600) bounds the whole run. JSON, tiles and logs go
 # to OUT_DIR.
 set -u
 OUT=${1:-work_dirs/gpu_report}
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-520}
+BUDGET_S=${BUDGET_S:-600}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
