@@ -6,19 +6,15 @@ device and FLOPs counted with the published protocol (mmdet/mmseg 2.x ``get_flop
 Cascade with 1000 box RoIs / 100 mask RoIs per stage, 2048x512 UperNet without the aux head).
 Also: the layer-decay optimiser constructor reproduces the authors' lr/decay groups.
 """
-import importlib.util
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('compare_report',
-                                               ROOT / 'tools' / 'analysis' / 'compare_report.py')
-compare_report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare_report)
+from tool_utils import load_tool
+
+compare_report = load_tool('tools/analysis/compare_report.py', 'compare_report')
 
 PUBLISHED = compare_report.PUBLISHED
 BASELINES = ['MogaNet-S', 'MogaNet-B', 'UniRepLKNet-T', 'UniRepLKNet-S']

@@ -2,19 +2,13 @@
 
 Not a timing test: it asserts only on structure and on the numerical cross-check the harness
 makes itself (every implementation's forward equals the reference within 1e-4)."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tool_utils import load_tool
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location('olk_benchmark',
-                                                  ROOT / 'tools/analysis/benchmark.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool('tools/analysis/benchmark.py', 'olk_benchmark')
 
 
 def test_ops_and_dwconv_levels(tmp_path):
@@ -40,10 +34,7 @@ def test_ops_and_dwconv_levels(tmp_path):
 
 
 def test_profile_step_prints_a_table():
-    spec = importlib.util.spec_from_file_location('olk_profile_step',
-                                                  ROOT / 'tools/analysis/profile_step.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool('tools/analysis/profile_step.py', 'olk_profile_step')
     table = mod.main(['--variant', 'xt', '--task', 'cls', '--mode', 'train', '--warmup', '0',
                       '--rows', '5', '--device', 'cpu'])
     assert 'aten::' in table and 'Self CPU' in table

@@ -1,14 +1,10 @@
 """FLOP counting (tools/analysis/get_flops.py) against the reference counts of the authors'
 re-parameterised classifier without aux head at 224x224 (independently counted; issue 2)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location('get_flops', ROOT / 'tools/analysis/get_flops.py')
-get_flops = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(get_flops)
+from tool_utils import load_tool
+
+get_flops = load_tool('tools/analysis/get_flops.py', 'get_flops')
 
 
 @pytest.mark.parametrize('arch', ['xt', 't', 's', 'b'])

@@ -1,7 +1,6 @@
 """An interrupted run resumes (tools/train.py --resume) on torch >= 2.6, whose torch.load
 defaults to weights_only=True; mmengine's checkpoints load thanks to overlock_mm's allow-list
 (unit-tested in tests/test_safe_load.py)."""
-import importlib.util
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -11,13 +10,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
 from generate_data import generate  # noqa: E402
+from tool_utils import load_tool  # noqa: E402
 
 
 def load_train_module():
-    spec = importlib.util.spec_from_file_location('olk_train', ROOT / 'tools' / 'train.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool('tools/train.py', 'olk_train')
 
 
 def run(train, tmp_path, iters, resume=None):

@@ -1,25 +1,18 @@
 """tools/analysis/tune_triton.py: its choice rule, and one run end to end in Triton's interpreter
 (CPU, tiny map: wall-clock times, so only the mechanics are checked, not which tile wins)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip('triton')
 
 from overlock_mm.ops import na2d_triton as nt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tool_utils import load_tool  # noqa: E402
 
 
 @pytest.fixture(scope='module')
 def tune():
-    spec = importlib.util.spec_from_file_location('olk_tune_triton',
-                                                  ROOT / 'tools/analysis/tune_triton.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool('tools/analysis/tune_triton.py', 'olk_tune_triton')
 
 
 def test_choose_takes_smallest_geomean_and_skips_failures(tune):
