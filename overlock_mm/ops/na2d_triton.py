@@ -49,6 +49,8 @@ to override them.
 """
 import contextlib
 import functools
+import json
+import os
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -244,7 +246,6 @@ def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     knobs = getattr(triton, 'knobs', None)  # triton >= 3.4; older ones read the variable
     if knobs is None:
-        import os
         return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
     return bool(knobs.runtime.interpret)
 
@@ -258,9 +259,10 @@ def _kernels() -> Dict[str, Callable]:
 # Launchers (no autograd). Contiguous tensors of one dtype on one device.
 # --------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
 def _read_tiles_file(path: str) -> Dict[str, Dict[str, int]]:
-    """``TILES`` updated from a JSON file (``OVERLOCK_TRITON_TILES``), validated."""
-    import json
+    """``TILES`` updated from a JSON file (``OVERLOCK_TRITON_TILES``), validated; read once per
+    path."""
     hint = (f'{TILES_ENV}={path}: expected JSON like {json.dumps(TILES)} (any subset), e.g. '
             'written by tools/analysis/tune_triton.py; unset the variable to use the defaults.')
     try:
@@ -285,16 +287,10 @@ def _read_tiles_file(path: str) -> Dict[str, Dict[str, int]]:
     return tiles
 
 
-@functools.lru_cache(maxsize=4)
-def _tiles_from(path: str) -> Dict[str, Dict[str, int]]:
-    return _read_tiles_file(path)
-
-
 def tiles(name: str) -> Dict[str, int]:
     """The tile sizes kernel ``name`` launches with: ``TILES``, or the file in ``TILES_ENV``."""
-    import os
     path = os.environ.get(TILES_ENV)
-    return dict((_tiles_from(path) if path else TILES)[name])
+    return dict((_read_tiles_file(path) if path else TILES)[name])
 
 
 def _check(*tensors: torch.Tensor) -> None:
