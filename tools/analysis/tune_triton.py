@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -49,10 +49,10 @@ def candidates(kernel: str) -> List[Dict[str, int]]:
     return [{'BLOCK_P': p, second: x, 'num_warps': w} for p, x, w in _CANDIDATES[kernel]]
 
 
-def _cases(args: argparse.Namespace) -> List[Tuple[str, int, int, int, int, int, int]]:
-    """``(name, k, B, G, D, H, W)`` per distinct call."""
+def _cases(args: argparse.Namespace) -> List[benchmark.OpCase]:
+    """One per distinct call: the model's (``benchmark.op_cases``) or the ``--shape`` ones."""
     if args.shape:
-        return [(f'k{k} B{b} G{g} D{d} {h}x{w}', k, b, g, d, h, w)
+        return [benchmark.OpCase('shape', 'custom', 0, '-', k, b, g, d, h, w)
                 for k, b, g, d, h, w in args.shape]
     seen, out = set(), []
     for c in benchmark.op_cases(args.variants, args.tasks, ['large', 'small'], args.cls_batch,
@@ -60,7 +60,7 @@ def _cases(args: argparse.Namespace) -> List[Tuple[str, int, int, int, int, int,
         key = (c.k, c.batch, c.groups, c.head_dim, c.height, c.width)
         if key not in seen:
             seen.add(key)
-            out.append((c.name,) + key)
+            out.append(c)
     return out
 
 
@@ -75,48 +75,58 @@ def _run(kernel: str, nt, s: tuple, k: int) -> torch.Tensor:
 
 def tune(args: argparse.Namespace, device: torch.device) -> dict:
     from overlock_mm.ops import na2d_triton as nt
-    from overlock_mm.ops.neighborhood import _na2d_av_native
     cases = _cases(args)
-    kernels = args.kernels
     results: Dict[str, List[dict]] = {kn: [dict(tile=t, times={}, errors={})
-                                           for t in candidates(kn)] for kn in kernels}
+                                           for t in candidates(kn)] for kn in args.kernels}
     defaults = {name: dict(cfg) for name, cfg in nt.TILES.items()}
     gen = torch.Generator().manual_seed(0)
-    for name, k, b, g, d, h, w in cases:
-        set_bytes = 4 * b * g * h * w * (2 * k * k + 3 * d)
-        n_sets = benchmark.input_sets(device, set_bytes)
-        sets = [(torch.randn(b, g, k * k, h, w, generator=gen).softmax(2).to(device),
-                 torch.randn(b, g, d, h, w, generator=gen).to(device),
-                 torch.randn(b, g, d, h, w, generator=gen).to(device)) for _ in range(n_sets)]
-        a = sets[0][0].clone().requires_grad_()
-        v = sets[0][1].clone().requires_grad_()
-        out = _na2d_av_native(a, v, k)
-        out.backward(sets[0][2])
-        expected = dict(forward=out.detach(), grad_attn=a.grad, grad_value=v.grad)
-        print(f'{name}: {n_sets} input sets', flush=True)
-        for kn in kernels:
-            for row in results[kn]:
-                nt.TILES = {**defaults, kn: dict(row['tile'])}
-                try:
-                    err = (_run(kn, nt, sets[0], k) - expected[kn]).abs().max().item()
-                except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result
-                    row['errors'][name] = f'{type(e).__name__}: {e}'[:200]
+    try:
+        for case in cases:
+            _tune_case(case, args, device, results, defaults, gen)
+    finally:
+        nt.TILES = defaults
+    return dict(cases=[c.name for c in cases], results=results)
+
+
+def _tune_case(case: benchmark.OpCase, args: argparse.Namespace, device: torch.device,
+               results: Dict[str, List[dict]], defaults: dict, gen: torch.Generator) -> None:
+    """Check and time every candidate tile of ``args.kernels`` at one call, into ``results``
+    (``nt.TILES`` is left set to the last candidate: the caller restores it)."""
+    from overlock_mm.ops import na2d_triton as nt
+    from overlock_mm.ops.neighborhood import _na2d_av_native
+    name, k, b, g, d, h, w = (case.name, case.k, case.batch, case.groups, case.head_dim,
+                              case.height, case.width)
+    # one set: attn and grad_attn (k * k planes), value, grad_out and one D-channel output
+    n_sets = benchmark.input_sets(device, 4 * b * g * h * w * (2 * k * k + 3 * d))
+    sets = [(torch.randn(b, g, k * k, h, w, generator=gen).softmax(2).to(device),
+             torch.randn(b, g, d, h, w, generator=gen).to(device),
+             torch.randn(b, g, d, h, w, generator=gen).to(device)) for _ in range(n_sets)]
+    a = sets[0][0].clone().requires_grad_()
+    v = sets[0][1].clone().requires_grad_()
+    out = _na2d_av_native(a, v, k)
+    out.backward(sets[0][2])
+    expected = dict(forward=out.detach(), grad_attn=a.grad, grad_value=v.grad)
+    print(f'{name}: {n_sets} input sets', flush=True)
+    for kn in args.kernels:
+        for row in results[kn]:
+            nt.TILES = {**defaults, kn: dict(row['tile'])}
+            try:
+                err = (_run(kn, nt, sets[0], k) - expected[kn]).abs().max().item()
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result
+                row['errors'][name] = f'{type(e).__name__}: {e}'[:200]
+                continue
+            if not err <= TOL:
+                row['errors'][name] = f'max |error| {err:.2e} > {TOL}'
+                continue
+            fns = [lambda s=s: _run(kn, nt, s, k) for s in sets]
+            if device.type == 'cuda':
+                t, why = benchmark.graph_time(fns, device)
+                if t is None:
+                    row['errors'][name] = why
                     continue
-                if not err <= TOL:
-                    row['errors'][name] = f'max |error| {err:.2e} > {TOL}'
-                    continue
-                fns = [lambda s=s: _run(kn, nt, s, k) for s in sets]
-                t: Optional[float] = None
-                if device.type == 'cuda':
-                    t, why = benchmark.graph_time(fns, device)
-                    if t is None:
-                        row['errors'][name] = why
-                        continue
-                else:
-                    t = min(benchmark.time_it(fns[0], device, warmup=1, repeat=args.repeat))
-                row['times'][name] = t
-    nt.TILES = defaults
-    return dict(cases=[c[0] for c in cases], results=results)
+            else:
+                t = min(benchmark.time_it(fns[0], device, warmup=1, repeat=args.repeat))
+            row['times'][name] = t
 
 
 def choose(report: dict) -> Dict[str, Dict[str, int]]:
