@@ -20,6 +20,22 @@ def ref():
     return torch.load(PARITY, weights_only=True)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+#: every parity test runs on the CPU and, where present, on CUDA (the GPU paths: 'auto' is
+#: 'triton' where triton is installed)
+DEVICES = ['cpu', pytest.param('cuda', marks=needs_cuda)]
+
+
+@pytest.fixture
+def no_tf32(request, monkeypatch):
+    """Full float32 on the GPU: cuDNN convolutions use TF32 by default, which alone moves the
+    outputs by ~1e-3. (Nothing to do on the CPU, where a CPU-only torch may lack the flags.)"""
+    if request.node.callspec.params.get('device') != 'cuda':
+        return
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+
+
 def our_arch(a):
     """The authors' argument names -> ours."""
     return dict(depths=a['depth'], sub_depths=a['sub_depth'], embed_dims=a['embed_dim'],
@@ -42,28 +58,31 @@ def build_classifier(ref, **kw):
 
 
 def max_err(a, b):
-    return (a.float() - b.float()).abs().max().item()
+    return (a.float().cpu() - b.float()).abs().max().item()
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('impl', ['auto'] + available_impls())
-def test_classification_parity(ref, impl):
+def test_classification_parity(ref, impl, device, no_tf32):
     backbone, head = build_classifier(ref, contmix_impl=impl)
+    backbone, head = backbone.to(device), head.to(device)
     with torch.no_grad():
-        final, overview = backbone(ref['cls']['input'])
+        final, overview = backbone(ref['cls']['input'].to(device))
         logits = head((final, overview))
     assert max_err(final, ref['cls']['final_features']) <= TOL
     assert max_err(overview, ref['cls']['overview_features']) <= TOL
     assert max_err(logits, ref['cls']['logits']) <= TOL
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('impl', ['auto'] + available_impls())
-def test_detection_parity(ref, impl):
+def test_detection_parity(ref, impl, device, no_tf32):
     model = OverLoCK(our_arch(ref['arch']), layout='det', contmix_impl=impl)
     model.load_state_dict(ref['det']['state_dict'], strict=True)
-    model.eval()
+    model = model.to(device).eval()
     for x, expected in zip(ref['det']['inputs'], ref['det']['outputs']):
         with torch.no_grad():
-            outs = model(x)
+            outs = model(x.to(device))
         assert len(outs) == len(expected) == 4
         for o, e in zip(outs, expected):
             assert o.shape == e.shape
@@ -90,41 +109,3 @@ def test_switch_to_deploy_keeps_outputs(ref):
         after = det(xin)
     for b, a in zip(before, after):
         assert max_err(b, a) <= TOL
-
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-
-
-@pytest.fixture
-def no_tf32(monkeypatch):
-    """Full float32 on the GPU: cuDNN convolutions use TF32 by default, which alone moves the
-    outputs by ~1e-3."""
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-
-
-@needs_cuda
-@pytest.mark.parametrize('impl', ['auto'] + available_impls())
-def test_detection_parity_on_cuda(ref, impl, no_tf32):
-    """The GPU paths ('auto' is 'triton' where triton is installed)."""
-    model = OverLoCK(our_arch(ref['arch']), layout='det', contmix_impl=impl)
-    model.load_state_dict(ref['det']['state_dict'], strict=True)
-    model = model.cuda().eval()
-    for x, expected in zip(ref['det']['inputs'], ref['det']['outputs']):
-        with torch.no_grad():
-            outs = model(x.cuda())
-        for o, e in zip(outs, expected):
-            assert max_err(o.cpu(), e) <= TOL
-
-
-@needs_cuda
-@pytest.mark.parametrize('impl', ['auto'] + available_impls())
-def test_classification_parity_on_cuda(ref, impl, no_tf32):
-    backbone, head = build_classifier(ref, contmix_impl=impl)
-    backbone, head = backbone.cuda(), head.cuda()
-    with torch.no_grad():
-        final, overview = backbone(ref['cls']['input'].cuda())
-        logits = head((final, overview))
-    assert max_err(final.cpu(), ref['cls']['final_features']) <= TOL
-    assert max_err(overview.cpu(), ref['cls']['overview_features']) <= TOL
-    assert max_err(logits.cpu(), ref['cls']['logits']) <= TOL
