@@ -41,6 +41,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))" 2>&1 | tee -
 step tests 150 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     tests/test_ops_triton.py tests/test_parity.py
 if [ "${TUNE:-1}" != 0 ]; then
+    rm -f "$OUT/tiles.json"  # a failed tuning run must not leave an earlier run's tiles in use
     step tune 150 $PY tools/analysis/tune_triton.py --out "$OUT/tiles.json" --json "$OUT/tune.json"
     if [ -s "$OUT/tiles.json" ]; then
         export OVERLOCK_TRITON_TILES=$OUT/tiles.json
