@@ -26,28 +26,30 @@ from overlock_mm.ops import na2d_triton as nt  # noqa: E402
 
 TOL = 1e-4  # float32 kernels vs the float64 reference
 
-# (k, H, W, D, B, G, BLOCK_P): H or W == k, a bit larger than k, non-square, L = 2k - 1 (the
-# longest inverse range, 7 -> 13), the default tile with tiles spanning rows, k = 17, and small
-# tiles that lie inside one row and clear of the borders, so grad_value takes its exactly-k trip
-# count on both axes (rows k..H-k-1, columns 16..31) next to border tiles.
+# (k, H, W, D, B, G, tiles): H or W == k, a bit larger than k, non-square, L = 2k - 1 (the
+# longest inverse range, 7 -> 13), k = 3 to 17, the default tiles and small ones (several column
+# tiles per row: (BLOCK_J of forward and grad_attn, BLOCK_Q of grad_value)), and k = 17 with
+# 16-column grad_value tiles, whose border tiles need two 32-column chunks of output columns
+# (source columns 16..31: output columns 0..44, 45 of them).
 CASES = [
-    (3, 3, 5, 8, 2, 1, 256),
-    (5, 7, 5, 10, 1, 2, 256),
-    (7, 9, 8, 16, 1, 2, 256),
-    (7, 13, 9, 8, 2, 1, 256),
-    (13, 13, 14, 8, 1, 2, 256),
-    (5, 7, 23, 10, 1, 2, 64),
-    (17, 18, 17, 8, 1, 1, 512),
-    (3, 9, 40, 8, 1, 2, 16),
-    (5, 11, 40, 10, 1, 1, 16),
+    (3, 3, 5, 8, 2, 1, None),
+    (5, 7, 5, 10, 1, 2, None),
+    (7, 9, 8, 16, 1, 2, None),
+    (7, 13, 9, 8, 2, 1, (4, 4)),
+    (13, 13, 14, 8, 1, 2, None),
+    (5, 7, 23, 10, 1, 2, (4, 2)),
+    (17, 18, 17, 8, 1, 1, None),
+    (3, 9, 40, 8, 1, 2, (8, 4)),
+    (5, 11, 40, 10, 1, 1, (16, 16)),
+    (17, 18, 45, 4, 1, 1, (16, 16)),
 ]
 
 
-def _set_tiles(monkeypatch, block_p=None, block_d=None, d_unroll=None):
+def _set_tiles(monkeypatch, block_j=None, block_q=None, block_d=None):
     """Patch ``nt.TILES`` (a copy) for one test; ``None`` keeps a value."""
     tiles = {name: dict(cfg) for name, cfg in nt.TILES.items()}
     for cfg in tiles.values():
-        for key, val in (('BLOCK_P', block_p), ('BLOCK_D', block_d), ('D_UNROLL', d_unroll)):
+        for key, val in (('BLOCK_J', block_j), ('BLOCK_Q', block_q), ('BLOCK_D', block_d)):
             if val is not None and key in cfg:
                 cfg[key] = val
     monkeypatch.setattr(nt, 'TILES', tiles)
@@ -107,10 +109,10 @@ def _max_err(x, y):
     return (x.double() - y.double()).abs().max().item()
 
 
-@pytest.mark.parametrize('k,H,W,D,B,G,block_p', CASES)
+@pytest.mark.parametrize('k,H,W,D,B,G,tiles', CASES)
 def test_forward_and_gradients_match_reference(interpreter, monkeypatch, k, H, W, D, B, G,
-                                               block_p):
-    _set_tiles(monkeypatch, block_p=block_p)
+                                               tiles):
+    _set_tiles(monkeypatch, *(tiles or ()))
     attn, value, grad_out = _inputs(B, G, D, H, W, k)
     ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
     a, v = attn.clone().requires_grad_(), value.clone().requires_grad_()
@@ -124,9 +126,8 @@ def test_forward_and_gradients_match_reference(interpreter, monkeypatch, k, H, W
 
 def test_channel_chunks(interpreter, monkeypatch):
     """D above the forward / grad_value channel tile: two chunks on the grid's second axis, the
-    second one masked; grad_attn streams over all D channels in unrolled steps of 4, the last
-    one masked (10 = 4 + 4 + 2)."""
-    _set_tiles(monkeypatch, block_p=256, block_d=8, d_unroll=4)
+    second one masked; grad_attn takes all D channels in one product (padded to 16, masked)."""
+    _set_tiles(monkeypatch, block_d=8)
     k = 5
     attn, value, grad_out = _inputs(1, 2, 10, 5, 7, k, seed=1)
     ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
@@ -156,7 +157,6 @@ def test_inverse_range_formula(k):
 def test_brute_force_cross_check(interpreter, monkeypatch):
     """One border-heavy case against the loop-per-pixel reference of test_ops_na2d."""
     from test_ops_na2d import brute_force_av, from_ours, make, to_ours
-    _set_tiles(monkeypatch, block_p=256)
     k = 5
     attn_nat, v_nat = make(2, 1, 8, 6, 5, k, dtype=torch.float32)
     expected = brute_force_av(attn_nat.double(), v_nat.double(), k)
@@ -179,7 +179,6 @@ def _assert_close_low_precision(x, ref, dtype):
 def test_autocast_low_precision(interpreter, monkeypatch, dtype):
     """Under autocast the kernels read fp16/bf16, accumulate in fp32 and return the autocast
     dtype; leaf gradients come back in float32 (the interpreter emulates both dtypes)."""
-    _set_tiles(monkeypatch, block_p=256)
     k = 5
     attn, value, grad_out = _inputs(1, 2, 8, 7, 9, k, seed=2)
     # reference from the rounded operands: what is left is accumulation and output rounding
@@ -196,7 +195,6 @@ def test_autocast_low_precision(interpreter, monkeypatch, dtype):
 
 
 def test_saves_only_attn_and_value(interpreter, monkeypatch):
-    _set_tiles(monkeypatch, block_p=256)
     k = 5
     attn, value, _ = _inputs(1, 2, 8, 6, 7, k)
     a, v = attn.requires_grad_(), value.requires_grad_()
@@ -216,19 +214,22 @@ def test_tiles_file_overrides_defaults(interpreter, monkeypatch, tmp_path):
     the map), and a typo or a non-power-of-two is refused with the file's name."""
     import json
     path = tmp_path / 'tiles.json'
-    path.write_text(json.dumps({'forward': {'BLOCK_P': 512}, 'grad_attn': {'D_UNROLL': 2}}))
+    path.write_text(json.dumps({'forward': {'BLOCK_J': 64}, 'grad_value': {'BLOCK_Q': 2,
+                                                                          'num_stages': 3}}))
     monkeypatch.setenv(nt.TILES_ENV, str(path))
-    assert nt.tiles('forward')['BLOCK_P'] == 512
+    assert nt.tiles('forward')['BLOCK_J'] == 64
     assert nt.tiles('forward')['BLOCK_D'] == nt.TILES['forward']['BLOCK_D']
-    assert nt.tiles('grad_attn')['D_UNROLL'] == 2
+    assert nt.tiles('grad_value')['BLOCK_Q'] == 2
+    assert nt.tiles('grad_value')['num_stages'] == 3  # any positive integer, not only 2**n
     k = 5
     attn, value, grad_out = _inputs(1, 1, 3, 6, 9, k, seed=3)
-    ref_out, ref_ga, _ = _reference(attn, value, grad_out, k)
+    ref_out, _, ref_gv = _reference(attn, value, grad_out, k)
     assert _max_err(nt.forward(attn, value, k), ref_out) < TOL
-    assert _max_err(nt.grad_attn(grad_out, value, k), ref_ga) < TOL
+    assert _max_err(nt.grad_value(grad_out, attn, k), ref_gv) < TOL
     for bad, match in (({'forwad': {}}, "unknown Triton kernel 'forwad'"),
-                       ({'forward': {'BLOCK_Q': 64}}, "unknown tile 'BLOCK_Q'"),
-                       ({'forward': {'BLOCK_P': 48}}, 'power of two')):
+                       ({'forward': {'BLOCK_P': 64}}, "unknown tile 'BLOCK_P'"),
+                       ({'forward': {'BLOCK_J': 48}}, 'power of two'),
+                       ({'grad_value': {'num_stages': 0}}, 'positive integer')):
         bad_path = tmp_path / f'bad{len(match)}.json'
         bad_path.write_text(json.dumps(bad))
         monkeypatch.setenv(nt.TILES_ENV, str(bad_path))
@@ -238,6 +239,29 @@ def test_tiles_file_overrides_defaults(interpreter, monkeypatch, tmp_path):
     monkeypatch.setenv(nt.TILES_ENV, str(tmp_path / 'missing.json'))
     with pytest.raises(ValueError, match='cannot read Triton tiles'):
         nt.tiles('forward')
+
+
+@pytest.mark.parametrize('k', [3, 5, 7, 9, 13, 17, 21])
+def test_band_window_holds_every_tap(k):
+    """The forward's column tile: its window holds every tap of every column, is a power of two
+    no shorter than MIN_DOT_K, and is the next_pow2(2k) columns the docstring promises."""
+    for max_j in (4, 16, 64):
+        j, q = nt.band(k, max_j)
+        assert j <= max_j and j & (j - 1) == 0 and q & (q - 1) == 0
+        assert q >= j + k - 1 and q >= nt.MIN_DOT_K
+        if max_j >= 64:  # not capped: the window is next_pow2(2k) and a larger tile misses it
+            assert q == max(nt.MIN_DOT_K, triton.next_power_of_2(2 * k))
+            assert 2 * j + k - 1 > q
+
+
+def test_float64_goes_to_native(interpreter):
+    """tl.dot has no float64 path: float64 inputs take 'native' and never reach a kernel."""
+    attn, value, _ = _inputs(1, 2, 4, 5, 6, 3)
+    attn, value = attn.double(), value.double()
+    with pytest.raises(TypeError, match='support'):
+        nt.forward(attn, value, 3)
+    torch.testing.assert_close(nt.na2d_av_triton(attn, value, 3),
+                               na2d_av_reference(attn, value, 3))
 
 
 def test_raw_kernels_require_contiguous_inputs(interpreter):
@@ -273,9 +297,11 @@ def test_registered_only_where_it_can_run():
 @pytest.mark.parametrize('triton_importable', [True, False])
 def test_registration_logic_with_cuda_faked(monkeypatch, triton_importable):
     """With a (faked) CUDA device 'triton' registers itself first for 'cuda' -- unless triton
-    cannot be imported, in which case nothing changes and nothing raises."""
+    cannot be imported, in which case nothing changes and nothing raises. Starts from the
+    registry without 'triton' (on a real GPU machine it was registered at import)."""
     import sys
-    monkeypatch.setattr(neighborhood, '_IMPLS', dict(neighborhood._IMPLS))
+    impls = {name: impl for name, impl in neighborhood._IMPLS.items() if name != 'triton'}
+    monkeypatch.setattr(neighborhood, '_IMPLS', impls)
     order = {dev: list(o) for dev, o in neighborhood._AUTO_ORDER.items()}
     order['cuda'] = ['native']
     monkeypatch.setattr(neighborhood, '_AUTO_ORDER', order)
@@ -293,7 +319,7 @@ def test_cuda_compiled_kernels(monkeypatch, dtype):
     """On a GPU machine: the compiled kernels through na2d_av(impl='auto'), real model sizes."""
     from overlock_mm.ops import na2d_av
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
-    for k, H, W, D in [(13, 25, 42, 16), (7, 14, 14, 10), (17, 17, 30, 14)]:
+    for k, H, W, D in [(13, 25, 42, 16), (7, 14, 14, 10), (17, 17, 30, 14), (3, 5, 9, 3)]:
         attn, value, grad_out = (t.to(dtype) for t in _inputs(2, 4, D, H, W, k))
         ref = _reference(attn, value, grad_out, k)
         a, v = attn.cuda().requires_grad_(), value.cuda().requires_grad_()

@@ -16,7 +16,7 @@ def tune():
 
 
 def test_choose_takes_smallest_geomean_and_skips_failures(tune):
-    a, b, c = (dict(BLOCK_P=p, BLOCK_D=8, num_warps=4) for p in (32, 64, 128))
+    a, b, c = (dict(BLOCK_J=j, BLOCK_D=16, num_warps=1, num_stages=3) for j in (8, 16, 32))
     report = dict(cases=['x', 'y'], results={'forward': [
         # relative to the best per case: a (1, 4) -> 2.0; b (2, 1) -> 1.41; c fastest but failed
         dict(tile=a, times={'x': 1.0, 'y': 4.0}, errors={}),
@@ -24,9 +24,9 @@ def test_choose_takes_smallest_geomean_and_skips_failures(tune):
         dict(tile=c, times={'x': 0.5}, errors={'y': 'max |error| 1e-2 > 1e-4'}),
     ]})
     assert tune.choose(report) == {'forward': b}
-    scores = {r['tile']['BLOCK_P']: r.get('score') for r in report['results']['forward']}
-    assert scores[32] == pytest.approx(2.0) and scores[64] == pytest.approx(2 ** 0.5)
-    assert scores[128] is None
+    scores = {r['tile']['BLOCK_J']: r.get('score') for r in report['results']['forward']}
+    assert scores[8] == pytest.approx(2.0) and scores[16] == pytest.approx(2 ** 0.5)
+    assert scores[32] is None
 
 
 def test_candidates_are_valid_tiles(tune):
@@ -43,8 +43,8 @@ def test_runs_in_interpreter_and_writes_a_tiles_file(tune, monkeypatch, tmp_path
         pytest.skip('this triton interpreter cannot loop over a runtime bound (see test_ops_triton)')
     monkeypatch.delenv(nt.TILES_ENV, raising=False)
     monkeypatch.setattr(tune, '_CANDIDATES', {
-        'forward': [(64, 8, 2), (128, 16, 4)], 'grad_attn': [(64, 1, 2), (64, 4, 4)],
-        'grad_value': [(64, 8, 2), (128, 16, 4)]})
+        'forward': [(16, 16, 1, 3), (8, 8, 2, 1)], 'grad_attn': [(16, 1, 3), (8, 2, 3)],
+        'grad_value': [(8, 16, 1, 1), (4, 8, 2, 3)]})
     out = tmp_path / 'tiles.json'
     report = tune.main(['--shape', '5', '1', '1', '10', '6', '9', '--repeat', '1',
                         '--out', str(out)])

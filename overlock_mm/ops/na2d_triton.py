@@ -1,36 +1,57 @@
 """The ``'triton'`` implementation of :func:`overlock_mm.ops.na2d_av`: hand-written Triton kernels.
 
-Three kernels, all on the package layout (contiguous; ``BG = B * G``, ``T = k * k``)::
+Three kernels on the package layout (contiguous; ``BG = B * G``, ``T = k * k``)::
 
     attn [BG, T, H, W]      value / out / grad_out / grad_value [BG, D, H, W]
 
-* forward: a program owns a tile of ``BLOCK_P`` pixels (flattened over ``H * W``, pixels on the
-  fast axis so the per-tap loads of consecutive interior pixels are coalesced) and ``BLOCK_D``
-  channels, and walks the ``k * k`` taps accumulating in registers;
-* grad_attn (``sum_d grad_out[d, i, j] * value[d, nbr_t(i, j)]``): a program owns a pixel tile and
-  one tap row ``a`` (the grid's second axis, so small maps still give the GPU enough programs) and
-  keeps a ``[k, BLOCK_P]`` accumulator (``k`` padded to a power of two) that it streams over the
-  ``D`` channels -- each lane owns its own outputs, so there is no cross-lane reduction and any
-  ``D`` works without channel tiles;
-* grad_value: a *gather over the inverse neighbourhood*, like the C++ CPU kernel, so there are no
-  atomics and the result is deterministic. For source row ``p`` the output rows whose clamped
-  window contains ``p`` form one contiguous range (``start(i)`` is non-decreasing in ``i``)::
+**The taps of one row are a band matrix.** For output row ``i``, tap row ``a`` and a run of
+``BLOCK_J`` output columns ``j`` whose windows start at ``sj(j)`` (clamped, never padded), the
+``k`` taps ``b`` read value columns ``sj(j) + b``. All of them lie in one window of
+``BLOCK_Q >= BLOCK_J + k - 1`` columns starting at ``c0 = sj(first j)``, so::
+
+    out[d, i, j] += sum_q V[d, q] * A[q, j]      V[d, q] = value[d, si(i) + a, c0 + q]
+                                                 A[q, j] = attn[a*k + (c0 + q - sj(j)), i, j]
+                                                           if 0 <= c0 + q - sj(j) < k, else 0
+
+a ``[BLOCK_D, BLOCK_Q] x [BLOCK_Q, BLOCK_J]`` matrix product (``tl.dot``). A is loaded straight
+into band form (masked loads: the zeros cost no memory traffic), and the product's register
+tiling makes each loaded value feed many multiply-adds, which a tap-by-tap kernel cannot (one L1
+load per multiply-add: this file's earlier kernels, 1.0-4.4x slower on an H100, see
+docs/performance.md). The price is ``BLOCK_Q / k`` multiply-adds per useful one (2.5 at k = 13),
+on tensor cores that have them to spare.
+
+* forward: a program owns one output row, ``BLOCK_J`` columns and up to ``BLOCK_D`` channels and
+  accumulates ``k`` band products, one per tap row;
+* grad_attn (``sum_d grad_out[d, i, j] * value[d, nbr_t(i, j)]``): a program owns one output row,
+  ``BLOCK_J`` columns and one tap row ``a`` (the grid's second axis). One product
+  ``grad_out[j, d] x value[d, q]`` over all ``D`` channels gives ``S[j, q]``, whose band
+  ``b = c0 + q - sj(j)`` in ``[0, k)`` is ``grad_attn[a*k + b, i, j]`` (a masked store);
+* grad_value: the transposed band, gathered over each source pixel's *inverse neighbourhood* (no
+  atomics, deterministic). A program owns source row ``p`` and ``BLOCK_Q`` source columns. The
+  output rows whose clamped window holds row ``p`` form one contiguous range, and so do the
+  output columns for a source column (``L`` the axis length, ``r = k // 2``)::
 
       i_lo(p) = 0            if p < k       else p - r
       i_hi(p) = L - 1        if p >= L - k  else p + r
 
   (``start(i) <= p`` fails only for ``i > p + r`` when ``p < L - k``; ``start(i) >= p - k + 1``
-  fails only for ``i < p - r`` when ``p >= k``.) The range holds ``k`` rows in the interior,
-  up to ``k + r`` next to a border (the ``r + 1`` border rows that share the edge window) and at
-  most ``L`` when ``L < 2k`` (the longest range is ``L`` if ``L < 2k``, else ``k + r``). Output
-  row ``i`` reads ``p`` through tap row ``a = p - start(i)``. A program whose tile is interior
-  along an axis loops exactly ``k`` times on it; a border tile loops over the axis' longest range
-  and masks the shorter ones (up to ``1.5x`` the work on border tiles, none elsewhere).
+  fails only for ``i < p - r`` when ``p >= k``.) The range holds ``k`` rows in the interior, up to
+  ``k + r`` next to a border and at most ``L`` when ``L < 2k``. For each such row ``i`` (tap row
+  ``a = p - si(i)``) the tile's output-column range is taken in chunks of
+  ``next_pow2(BLOCK_Q + k - 1)`` columns (one chunk in the interior):
+  ``grad_out[d, j] x A'[j, q]``, ``A'[j, q] = attn[a*k + (q - sj(j)), i, j]`` inside the band.
+
+Precision: float32 operands go through ``tl.dot`` as three TF32 products (``tf32x3``: each
+operand split into a TF32 head and tail, only the tail x tail term dropped), about float32
+accuracy (measured within 1.2e-5 of float64 at k = 13, D = 16, where summing tap by tap in
+float32 was within 3e-5); a single TF32 product would not be (10 mantissa bits). fp16 / bf16
+inputs (autocast) are widened to float32, where one TF32 pass is exact (their 10 / 7 mantissa
+bits fit), and accumulated in float32; outputs have the input dtype. float64 is not handled
+(``tl.dot`` in float64 did not compile with triton 3.6 on an H100): :func:`na2d_av_triton` sends
+it to ``'native'``.
 
 State kept for backward: ``attn`` and ``value`` only (``O(B*G*H*W*(k*k + D))``), like ``'native'``.
-float16 / bfloat16 (autocast) inputs are read as they are and accumulated in float32 (float64 in
-float64); outputs have the input dtype. Inputs must be contiguous: the wrapper makes them so and
-the raw launchers raise otherwise.
+Inputs must be contiguous: the wrapper makes them so and the raw launchers raise otherwise.
 
 Interpreter (triton 3.8): :func:`triton.jit` decides between compiling and Triton's CPU
 interpreter when it *decorates* a function, from ``TRITON_INTERPRET`` (read through
@@ -59,164 +80,150 @@ import triton.language as tl
 
 from .neighborhood import lean_av_function
 
-#: Tile sizes per kernel (compile-time constants; ``num_warps`` is Triton's launch option):
+#: Tile sizes per kernel (compile-time constants; ``num_warps`` and ``num_stages`` are Triton's
+#: launch options, ``num_stages`` the software-pipelining depth of the kernels' loops):
 #:
-#: * ``BLOCK_P``: pixels per program (flattened ``H * W``), a power of two;
+#: * ``BLOCK_J`` (forward, grad_attn): most output columns per program, a power of two; the
+#:   forward takes fewer where that keeps the band's window small (:func:`band`);
+#: * ``BLOCK_Q`` (grad_value): source columns per program;
 #: * ``BLOCK_D`` (forward, grad_value): most channels per program; ``D`` is padded to a power of
-#:   two up to this (masked), a larger ``D`` is split over the grid's second axis;
-#: * ``D_UNROLL`` (grad_attn): channels per unrolled step of its channel loop.
+#:   two up to this (masked), a larger ``D`` is split over the grid's second axis. grad_attn
+#:   always takes all ``D`` channels (its product runs over them).
 #:
-#: The values are what ``tools/analysis/tune_triton.py`` chose on an NVIDIA H200 (triton 3.6,
-#: torch 2.11; OverLoCK-T detection and segmentation maps, batch 1; docs/performance.md): the
-#: fastest of ten candidates per kernel by the geometric mean over those eight maps, 1.6-1.7x
-#: faster than the first, untuned defaults for forward and grad_value.
-#: ``OVERLOCK_TRITON_TILES=/path/tiles.json`` overrides them (same structure, any subset), e.g.
-#: with the choice ``tools/analysis/tune_triton.py`` measured on another GPU.
+#: The values are the fastest of 7-13 candidates per kernel measured side by side on an NVIDIA
+#: H100 (triton 3.6, torch 2.11; OverLoCK-T/S/XT detection and segmentation maps, batch 1 and 8;
+#: docs/performance.md): one warp per program beat two to eight nearly everywhere, and grad_value
+#: without software pipelining (``num_stages=1``) was 1.3-2.2x faster than with Triton's default
+#: of 3. ``OVERLOCK_TRITON_TILES=/path/tiles.json`` overrides them (same structure, any subset),
+#: e.g. with the choice ``tools/analysis/tune_triton.py`` measured on another GPU.
 TILES: Dict[str, Dict[str, int]] = {
-    'forward': dict(BLOCK_P=128, BLOCK_D=8, num_warps=8),
-    'grad_attn': dict(BLOCK_P=32, D_UNROLL=4, num_warps=2),
-    'grad_value': dict(BLOCK_P=128, BLOCK_D=8, num_warps=8),
+    'forward': dict(BLOCK_J=16, BLOCK_D=16, num_warps=1, num_stages=3),
+    'grad_attn': dict(BLOCK_J=16, num_warps=1, num_stages=3),
+    'grad_value': dict(BLOCK_Q=8, BLOCK_D=16, num_warps=1, num_stages=1),
 }
 TILES_ENV = 'OVERLOCK_TRITON_TILES'
 
-_ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
-        torch.float64: tl.float64}
+#: accumulator dtype and ``tl.dot`` precision per input dtype (module docstring: why ``tf32x3``
+#: for float32, and why one TF32 pass is exact for fp16 / bf16 widened to float32)
+_ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32}
+_PREC = {torch.float16: 'tf32', torch.bfloat16: 'tf32', torch.float32: 'tf32x3'}
+#: the least length of a product's reduction axis (the band window, grad_value's column chunk,
+#: grad_attn's channels): 8 failed to compile in float32 (tf32x3) with triton 3.6 on an H100
+MIN_DOT_K = 16
 
 
 # --------------------------------------------------------------------------------------------
 # Kernel bodies. Plain functions, decorated by _jit(): see the module docstring for why.
 #
-# They use Triton *builtins* only (tl.full, tl.where, tl.minimum, tl.static_range, ...), none of
-# the library helpers that triton.language itself defines with @jit (tl.zeros, tl.cdiv, tl.sum,
+# They use Triton *builtins* only (tl.full, tl.where, tl.minimum, tl.dot, ...), none of the
+# library helpers that triton.language itself defines with @jit (tl.zeros, tl.cdiv, tl.sum,
 # tl.max): those are decorated once, when triton.language is imported, so they stay
 # compiled-only if TRITON_INTERPRET is set later -- and then the interpreter cannot run a kernel
 # calling them.
 #
-# ``K`` (the kernel size) is a compile-time constant. Each kernel's innermost loop is unrolled
-# (``tl.static_range``): its loads are independent of each other, so an unrolled loop has them
-# all in flight at once instead of paying one memory latency per iteration.
-# The per-(batch, group) base offsets are int64: attn has B*G*k*k*H*W elements, which exceeds
-# 2**31 for large batches at k = 13; offsets inside one plane stay int32.
+# ``K`` (the kernel size) is a compile-time constant. Program ids are flattened over
+# (batch * group, row, column tile). The per-(batch, group) base offsets are int64: attn has
+# B*G*k*k*H*W elements, which exceeds 2**31 for large batches at k = 13; offsets inside one
+# plane stay int32. Loaded tiles are widened to ACC before the product (see _PREC).
 # --------------------------------------------------------------------------------------------
 
-def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_pb, K: tl.constexpr,
-              BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_jb, K: tl.constexpr,
+              BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr, ACC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
-    bg = (pid // n_pb).to(tl.int64)
-    pix = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = pix < HW
-    i = pix // W
-    j = pix % W
-    # clamped window start (NATTEN 0.17): shift inward at the borders, never pad
-    si = tl.minimum(tl.maximum(i - R, 0), H - K)
+    bg = (pid // (H * n_jb)).to(tl.int64)
+    i = pid // n_jb % H
+    j0 = pid % n_jb * BLOCK_J
+    j = j0 + tl.arange(0, BLOCK_J)
+    jm = j < W
+    si = tl.minimum(tl.maximum(i - R, 0), H - K)  # clamped window start (NATTEN 0.17)
     sj = tl.minimum(tl.maximum(j - R, 0), W - K)
+    c0 = tl.minimum(tl.maximum(j0 - R, 0), W - K)  # the band's first value column
+    cols = c0 + tl.arange(0, BLOCK_Q)
+    b = cols[:, None] - sj[None, :]  # [BLOCK_Q, BLOCK_J]: tap column, valid in [0, K)
+    am = (b >= 0) & (b < K) & jm[None, :]
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m2 = (d < D)[:, None] & pm[None, :]
-    a_base = attn_ptr + bg * (K * K) * HW
-    v_rows = value_ptr + bg * D * HW + d[:, None] * HW  # [BLOCK_D, 1] channel planes
-    acc = tl.full([BLOCK_D, BLOCK_P], 0.0, dtype=ACC)
+    dm = d < D
+    vm = dm[:, None] & (cols < W)[None, :]
+    a_ptrs = attn_ptr + bg * (K * K) * HW + b * HW + (i * W + j)[None, :]
+    v_ptrs = value_ptr + bg * D * HW + d[:, None] * HW + si * W + cols[None, :]
+    acc = tl.full([BLOCK_D, BLOCK_J], 0.0, dtype=ACC)
     for a in range(K):
-        src_row = (si + a) * W + sj
-        for b in tl.static_range(K):
-            w = tl.load(a_base + (a * K + b) * HW + pix, mask=pm, other=0.0).to(ACC)
-            v = tl.load(v_rows + (src_row + b)[None, :], mask=m2, other=0.0).to(ACC)
-            acc += w[None, :] * v
-    o_ptr = out_ptr + bg * D * HW + d[:, None] * HW + pix[None, :]
-    tl.store(o_ptr, acc.to(out_ptr.dtype.element_ty), mask=m2)
+        band = tl.load(a_ptrs + a * K * HW, mask=am, other=0.0).to(ACC)
+        v = tl.load(v_ptrs + a * W, mask=vm, other=0.0).to(ACC)
+        acc = tl.dot(v, band, acc, input_precision=PREC)
+    o_ptrs = out_ptr + bg * D * HW + d[:, None] * HW + (i * W + j)[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=dm[:, None] & jm[None, :])
 
 
-def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_pb, K: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, D_UNROLL: tl.constexpr,
-                    ACC: tl.constexpr):
+def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_jb, K: tl.constexpr,
+                    BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, ACC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
-    bg = (pid // n_pb).to(tl.int64)
-    pix = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = pix < HW
-    i = pix // W
-    j = pix % W
+    bg = (pid // (H * n_jb)).to(tl.int64)
+    i = pid // n_jb % H
+    j0 = pid % n_jb * BLOCK_J
+    a = tl.program_id(1)  # this program's tap row
+    j = j0 + tl.arange(0, BLOCK_J)
+    jm = j < W
     si = tl.minimum(tl.maximum(i - R, 0), H - K)
     sj = tl.minimum(tl.maximum(j - R, 0), W - K)
-    a = tl.program_id(1)  # this program's tap row; its k taps b run along the tile's first axis
-    b = tl.arange(0, BLOCK_K)
-    m2 = (b < K)[:, None] & pm[None, :]
-    nbr = ((si + a) * W + sj)[None, :] + b[:, None]  # [BLOCK_K, BLOCK_P] neighbour offsets
-    go_base = grad_out_ptr + bg * D * HW + pix
-    v_base = value_ptr + bg * D * HW
-    # One accumulator per (tap, pixel), streamed over the channels: no cross-lane reduction, and
-    # low-precision outputs are rounded once, after the whole fp32 sum. D_UNROLL channels per
-    # step (the last step masked when D_UNROLL does not divide D).
-    acc = tl.full([BLOCK_K, BLOCK_P], 0.0, dtype=ACC)
-    for d0 in range(0, D, D_UNROLL):
-        for dd in tl.static_range(D_UNROLL):
-            d = d0 + dd
-            dm = d < D
-            go = tl.load(go_base + d * HW, mask=pm & dm, other=0.0).to(ACC)
-            v = tl.load(v_base + d * HW + nbr, mask=m2 & dm, other=0.0).to(ACC)
-            acc += go[None, :] * v
-    ga_ptr = grad_attn_ptr + bg * (K * K) * HW + (a * K + b)[:, None] * HW + pix[None, :]
-    tl.store(ga_ptr, acc.to(grad_attn_ptr.dtype.element_ty), mask=m2)
+    c0 = tl.minimum(tl.maximum(j0 - R, 0), W - K)
+    cols = c0 + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)  # all channels (padded, masked)
+    dm = d < D
+    go = tl.load(grad_out_ptr + bg * D * HW + d[None, :] * HW + (i * W + j)[:, None],
+                 mask=jm[:, None] & dm[None, :], other=0.0).to(ACC)  # [BLOCK_J, BLOCK_D]
+    v = tl.load(value_ptr + bg * D * HW + d[:, None] * HW + (si + a) * W + cols[None, :],
+                mask=dm[:, None] & (cols < W)[None, :], other=0.0).to(ACC)  # [BLOCK_D, BLOCK_Q]
+    s = tl.dot(go, v, tl.full([BLOCK_J, BLOCK_Q], 0.0, dtype=ACC), input_precision=PREC)
+    b = cols[None, :] - sj[:, None]  # [BLOCK_J, BLOCK_Q]: keep the band
+    ga_ptrs = grad_attn_ptr + bg * (K * K) * HW + (a * K + b) * HW + (i * W + j)[:, None]
+    tl.store(ga_ptrs, s.to(grad_attn_ptr.dtype.element_ty), mask=(b >= 0) & (b < K) & jm[:, None])
 
 
-def _grad_value_body(attn_ptr, grad_out_ptr, grad_value_ptr, D, H, W, n_pb, K: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _grad_value_body(attn_ptr, grad_out_ptr, grad_value_ptr, D, H, W, n_qb, K: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr, ACC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
-    bg = (pid // n_pb).to(tl.int64)
-    first = (pid % n_pb) * BLOCK_P
-    pix = first + tl.arange(0, BLOCK_P)  # *source* pixels (p, q)
-    pm = pix < HW
-    p = pix // W
-    q = pix % W
-    # Output rows / columns whose window contains (p, q): one contiguous range per axis
-    # (derivation in the module docstring).
+    bg = (pid // (H * n_qb)).to(tl.int64)
+    p = pid // n_qb % H  # source row
+    q0 = pid % n_qb * BLOCK_Q
+    q = q0 + tl.arange(0, BLOCK_Q)  # source columns
+    qm = q < W
+    q1 = tl.minimum(q0 + BLOCK_Q, W) - 1
+    # output rows whose window holds row p; output columns whose window holds a column q0..q1
+    # (one contiguous range each, module docstring)
     i_lo = tl.where(p < K, 0, p - R)
     i_hi = tl.where(p >= H - K, H - 1, p + R)
-    j_lo = tl.where(q < K, 0, q - R)
-    j_hi = tl.where(q >= W - K, W - 1, q + R)
-    # Trip counts, from scalars (no reduction): exactly k when every pixel of the tile is interior
-    # along that axis, otherwise the axis' longest range (shorter ones are masked).
-    last = tl.minimum(first + BLOCK_P, HW) - 1
-    p0 = first // W
-    p1 = last // W
-    q0 = first % W
-    q1 = last % W
-    n_i = tl.where((p0 >= K) & (p1 < H - K), K, tl.where(H < 2 * K, H, K + R))
-    n_j = tl.where((p0 == p1) & (q0 >= K) & (q1 < W - K), K, tl.where(W < 2 * K, W, K + R))
+    j_lo = tl.where(q0 < K, 0, q0 - R)
+    j_hi = tl.where(q1 >= W - K, W - 1, q1 + R)
+    n_chunks = (j_hi - j_lo + BLOCK_J) // BLOCK_J
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     a_base = attn_ptr + bg * (K * K) * HW
-    go_rows = grad_out_ptr + bg * D * HW + d[:, None] * HW
-    acc = tl.full([BLOCK_D, BLOCK_P], 0.0, dtype=ACC)
-    for u in range(0, n_i):
-        i = i_lo + u
-        im = pm & (i <= i_hi)
-        ta = p - tl.minimum(tl.maximum(i - R, 0), H - K)  # tap row through which i reads p
-        # Columns: the first K (every tile has at least K) unrolled, the border tiles' longer
-        # ranges in a plain loop. The two bodies are the same; Triton cannot call an undecorated
-        # helper, and a decorated one would break the lazy interpreter switch.
-        for v in tl.static_range(K):
-            j = j_lo + v
-            m = im & (j <= j_hi)
-            tb = q - tl.minimum(tl.maximum(j - R, 0), W - K)
-            o = i * W + j
-            w = tl.load(a_base + (ta * K + tb) * HW + o, mask=m, other=0.0).to(ACC)
-            g = tl.load(go_rows + o[None, :], mask=dm[:, None] & m[None, :], other=0.0).to(ACC)
-            acc += w[None, :] * g
-        for v in range(K, n_j):
-            j = j_lo + v
-            m = im & (j <= j_hi)
-            tb = q - tl.minimum(tl.maximum(j - R, 0), W - K)
-            o = i * W + j
-            w = tl.load(a_base + (ta * K + tb) * HW + o, mask=m, other=0.0).to(ACC)
-            g = tl.load(go_rows + o[None, :], mask=dm[:, None] & m[None, :], other=0.0).to(ACC)
-            acc += w[None, :] * g
-    gv_ptr = grad_value_ptr + bg * D * HW + d[:, None] * HW + pix[None, :]
-    tl.store(gv_ptr, acc.to(grad_value_ptr.dtype.element_ty), mask=dm[:, None] & pm[None, :])
+    go_base = grad_out_ptr + bg * D * HW + d[:, None] * HW
+    acc = tl.full([BLOCK_D, BLOCK_Q], 0.0, dtype=ACC)
+    for i in range(i_lo, i_hi + 1):
+        a = p - tl.minimum(tl.maximum(i - R, 0), H - K)  # tap row through which i reads row p
+        for c in range(n_chunks):
+            j = j_lo + c * BLOCK_J + tl.arange(0, BLOCK_J)
+            jm = j <= j_hi
+            b = q[None, :] - tl.minimum(tl.maximum(j - R, 0), W - K)[:, None]  # [J, Q]
+            am = (b >= 0) & (b < K) & jm[:, None] & qm[None, :]
+            band = tl.load(a_base + (a * K + b) * HW + (i * W + j)[:, None], mask=am,
+                           other=0.0).to(ACC)
+            go = tl.load(go_base + (i * W + j)[None, :], mask=dm[:, None] & jm[None, :],
+                         other=0.0).to(ACC)
+            acc = tl.dot(go, band, acc, input_precision=PREC)
+    gv_ptrs = grad_value_ptr + bg * D * HW + d[:, None] * HW + (p * W + q)[None, :]
+    tl.store(gv_ptrs, acc.to(grad_value_ptr.dtype.element_ty), mask=dm[:, None] & qm[None, :])
 
 
 def inverse_range(p: int, length: int, kernel_size: int) -> Tuple[int, int]:
@@ -280,9 +287,10 @@ def _read_tiles_file(path: str) -> Dict[str, Dict[str, int]]:
             if key not in tiles[name]:
                 raise ValueError(f'unknown tile {key!r} for {name!r} (valid: '
                                  f'{sorted(tiles[name])}). {hint}')
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1 or val & (val - 1):
-                raise ValueError(f'{name}.{key} must be a positive power of two, got {val!r}. '
-                                 f'{hint}')
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f'{name}.{key} must be a positive integer, got {val!r}. {hint}')
+            if key != 'num_stages' and val & (val - 1):
+                raise ValueError(f'{name}.{key} must be a power of two, got {val!r}. {hint}')
             tiles[name][key] = val
     return tiles
 
@@ -305,28 +313,50 @@ def _check(*tensors: torch.Tensor) -> None:
         raise ValueError('na2d triton kernels need all tensors in one dtype on one device.')
 
 
+def band(k: int, max_j: int) -> Tuple[int, int]:
+    """``(BLOCK_J, BLOCK_Q)`` of the forward at kernel size ``k``.
+
+    ``BLOCK_J`` output columns read a window of ``BLOCK_Q = next_pow2(BLOCK_J + k - 1)`` value
+    columns, ``k`` of them per output. The forward takes the largest ``BLOCK_J <= max_j`` whose
+    window fits ``next_pow2(2k)`` columns: 8 at k = 5 and 7 (16-column windows), 16 at k = 13
+    (32) -- the fastest choices measured on an H100 (8 columns 1.7x faster than 16 at k = 5 and
+    7, 16 1.1-1.2x faster than 8 at k = 13; docs/performance.md). Windows are at least
+    ``MIN_DOT_K`` columns.
+    """
+    window = max(MIN_DOT_K, triton.next_power_of_2(2 * k))
+    j = min(max_j, 1 << ((window - k + 1).bit_length() - 1))
+    return j, max(MIN_DOT_K, triton.next_power_of_2(j + k - 1))
+
+
 def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor, k: int) -> None:
     # plain ints: under torch.jit.trace (FLOP counting) sizes are traced 0-d tensors, which
     # Triton's launcher would take for pointers
     b, g, d, h, w = (int(n) for n in value_like.shape)
     tile = tiles(name)
-    num_warps = tile.pop('num_warps')
-    n_pb = triton.cdiv(h * w, tile['BLOCK_P'])  # pixel tiles per (batch, group) plane
+    options = dict(num_warps=tile.pop('num_warps'), num_stages=tile.pop('num_stages'))
+    if name == 'forward':
+        tile['BLOCK_J'], tile['BLOCK_Q'] = band(k, tile['BLOCK_J'])
+        n_cols = triton.cdiv(w, tile['BLOCK_J'])
+    elif name == 'grad_attn':
+        tile['BLOCK_Q'] = triton.next_power_of_2(tile['BLOCK_J'] + k - 1)
+        tile['BLOCK_D'] = max(MIN_DOT_K, triton.next_power_of_2(d))  # every channel
+        n_cols = triton.cdiv(w, tile['BLOCK_J'])
+    else:  # grad_value: output columns in chunks that cover the interior range in one
+        tile['BLOCK_J'] = max(MIN_DOT_K, triton.next_power_of_2(tile['BLOCK_Q'] + k - 1))
+        n_cols = triton.cdiv(w, tile['BLOCK_Q'])
     if name == 'grad_attn':
-        # second grid axis: the k tap rows; each program holds all k taps of its row
-        grid = (b * g * n_pb, k)
-        tile['BLOCK_K'] = triton.next_power_of_2(k)
-    else:
-        # D rounded up to a power of two (masked), at most BLOCK_D per program
+        second = k  # one tap row per program
+    else:  # D rounded up to a power of two (masked), at most BLOCK_D per program
         tile['BLOCK_D'] = min(triton.next_power_of_2(d), tile['BLOCK_D'])
-        grid = (b * g * n_pb, triton.cdiv(d, tile['BLOCK_D']))
+        second = triton.cdiv(d, tile['BLOCK_D'])
     kernel = _kernels()[name]
     # Triton launches on the current CUDA device; make it the tensors' one.
     device = value_like.device
     ctx = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
     with ctx:
-        kernel[grid](*args, d, h, w, n_pb, K=k, ACC=_ACC[value_like.dtype], num_warps=num_warps,
-                     **tile)
+        kernel[(b * g * h * n_cols, second)](*args, d, h, w, n_cols, K=k,
+                                             PREC=_PREC[value_like.dtype],
+                                             ACC=_ACC[value_like.dtype], **options, **tile)
 
 
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
@@ -364,7 +394,8 @@ def can_run(device: torch.device) -> bool:
 
 
 def na2d_av_triton(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """``na2d_av`` through the Triton kernels (falls back to ``'native'`` where they cannot run).
+    """``na2d_av`` through the Triton kernels; ``'native'`` where they cannot run (tensors on
+    different devices, CPU tensors outside the interpreter, float64).
 
     Args:
         attn (Tensor): ``[B, G, k*k, H, W]`` weights.

@@ -31,22 +31,26 @@ import benchmark  # noqa: E402
 TOL = 1e-4
 
 
-#: candidate tiles: 4 to 8 accumulator elements per thread (16 spill registers at k = 13 in the
-#: forward); ``BLOCK_D`` 8 splits 16 channels over two programs, 16 keeps them in one.
+#: the tile keys of each kernel (those of ``TILES``), in the order of the tuples below
+_KEYS = {'forward': ('BLOCK_J', 'BLOCK_D', 'num_warps', 'num_stages'),
+         'grad_attn': ('BLOCK_J', 'num_warps', 'num_stages'),
+         'grad_value': ('BLOCK_Q', 'BLOCK_D', 'num_warps', 'num_stages')}
+#: candidate tiles: around the shipped ones (first), which won on an H100 -- one or two warps
+#: (larger programs were slower everywhere measured), column tiles of 4 to 32, with and without
+#: software pipelining; ``BLOCK_D`` 8 splits 16 channels over two programs.
 _CANDIDATES = {
-    'forward': [(32, 16, 2), (32, 16, 4), (64, 16, 4), (64, 16, 8), (128, 16, 8), (32, 8, 1),
-                (64, 8, 2), (128, 8, 4), (128, 8, 8), (256, 8, 8)],
-    # (BLOCK_P, D_UNROLL, num_warps); accumulator [next_pow2(k), BLOCK_P] (16 rows at k = 13)
-    'grad_attn': [(32, 1, 2), (32, 4, 2), (64, 1, 4), (64, 4, 4), (64, 1, 8), (64, 4, 8),
-                  (128, 1, 8), (128, 4, 8), (128, 1, 4), (128, 4, 4)],
+    'forward': [(16, 16, 1, 3), (8, 16, 1, 3), (32, 16, 1, 3), (16, 16, 2, 3), (8, 16, 2, 3),
+                (16, 16, 1, 1), (8, 16, 1, 1), (16, 8, 1, 3), (16, 16, 4, 3), (4, 16, 1, 3)],
+    'grad_attn': [(16, 1, 3), (8, 1, 3), (32, 1, 3), (16, 2, 3), (8, 2, 3), (32, 2, 3),
+                  (16, 4, 3), (4, 1, 3)],
+    'grad_value': [(8, 16, 1, 1), (8, 16, 1, 3), (16, 16, 1, 1), (16, 16, 2, 1), (8, 16, 2, 1),
+                   (4, 16, 1, 1), (8, 8, 1, 1), (16, 16, 2, 3), (32, 16, 2, 1), (32, 16, 4, 1)],
 }
-_CANDIDATES['grad_value'] = _CANDIDATES['forward']
 
 
 def candidates(kernel: str) -> List[Dict[str, int]]:
     """The tiles tried for ``kernel`` (``TILES`` format)."""
-    second = 'D_UNROLL' if kernel == 'grad_attn' else 'BLOCK_D'
-    return [{'BLOCK_P': p, second: x, 'num_warps': w} for p, x, w in _CANDIDATES[kernel]]
+    return [dict(zip(_KEYS[kernel], t)) for t in _CANDIDATES[kernel]]
 
 
 def _cases(args: argparse.Namespace) -> List[benchmark.OpCase]:
