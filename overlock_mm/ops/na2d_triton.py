@@ -50,6 +50,12 @@ bits fit), and accumulated in float32; outputs have the input dtype. float64 is 
 (``tl.dot`` in float64 did not compile with triton 3.6 on an H100): :func:`na2d_av_triton` sends
 it to ``'native'``.
 
+Input sizes vary (detection batches): only ``k``, the dtype and the tiles are compile-time
+constants; ``D``, ``H``, ``W`` and the tile counts are runtime arguments, so a new map size does
+not compile a new kernel -- apart from Triton's own specialisation of integer arguments (equal
+to 1, divisible by 16), which bounds the variants per kernel and ``k`` to a handful, each compiled
+once and kept in Triton's on-disk cache.
+
 State kept for backward: ``attn`` and ``value`` only (``O(B*G*H*W*(k*k + D))``), like ``'native'``.
 Inputs must be contiguous: the wrapper makes them so and the raw launchers raise otherwise.
 
@@ -108,7 +114,8 @@ TILES_ENV = 'OVERLOCK_TRITON_TILES'
 _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32}
 _PREC = {torch.float16: 'tf32', torch.bfloat16: 'tf32', torch.float32: 'tf32x3'}
 #: the least length of a product's reduction axis (the band window, grad_value's column chunk,
-#: grad_attn's channels): 8 failed to compile in float32 (tf32x3) with triton 3.6 on an H100
+#: grad_attn's channels): an 8-column window (k = 5, 4 columns) failed to compile in float32
+#: (tf32x3) with triton 3.6 on an H100; 16 compiled at every size measured
 MIN_DOT_K = 16
 
 
@@ -334,19 +341,17 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
     b, g, d, h, w = (int(n) for n in value_like.shape)
     tile = tiles(name)
     options = dict(num_warps=tile.pop('num_warps'), num_stages=tile.pop('num_stages'))
-    if name == 'forward':
-        tile['BLOCK_J'], tile['BLOCK_Q'] = band(k, tile['BLOCK_J'])
-        n_cols = triton.cdiv(w, tile['BLOCK_J'])
-    elif name == 'grad_attn':
+    if name == 'grad_attn':  # one tap row per program (second axis), all channels at once
         tile['BLOCK_Q'] = triton.next_power_of_2(tile['BLOCK_J'] + k - 1)
-        tile['BLOCK_D'] = max(MIN_DOT_K, triton.next_power_of_2(d))  # every channel
-        n_cols = triton.cdiv(w, tile['BLOCK_J'])
-    else:  # grad_value: output columns in chunks that cover the interior range in one
-        tile['BLOCK_J'] = max(MIN_DOT_K, triton.next_power_of_2(tile['BLOCK_Q'] + k - 1))
-        n_cols = triton.cdiv(w, tile['BLOCK_Q'])
-    if name == 'grad_attn':
-        second = k  # one tap row per program
+        tile['BLOCK_D'] = max(MIN_DOT_K, triton.next_power_of_2(d))
+        n_cols, second = triton.cdiv(w, tile['BLOCK_J']), k
     else:  # D rounded up to a power of two (masked), at most BLOCK_D per program
+        if name == 'forward':
+            tile['BLOCK_J'], tile['BLOCK_Q'] = band(k, tile['BLOCK_J'])
+            n_cols = triton.cdiv(w, tile['BLOCK_J'])
+        else:  # grad_value: output columns in chunks; one covers an interior tile's range
+            tile['BLOCK_J'] = max(MIN_DOT_K, triton.next_power_of_2(tile['BLOCK_Q'] + k - 1))
+            n_cols = triton.cdiv(w, tile['BLOCK_Q'])
         tile['BLOCK_D'] = min(triton.next_power_of_2(d), tile['BLOCK_D'])
         second = triton.cdiv(d, tile['BLOCK_D'])
     kernel = _kernels()[name]
