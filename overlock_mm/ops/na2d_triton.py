@@ -352,7 +352,8 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
         else:  # grad_value: output columns in chunks; one covers an interior tile's range
             tile['BLOCK_J'] = max(MIN_DOT_K, triton.next_power_of_2(tile['BLOCK_Q'] + k - 1))
             n_cols = triton.cdiv(w, tile['BLOCK_Q'])
-        tile['BLOCK_D'] = min(triton.next_power_of_2(d), tile['BLOCK_D'])
+        # at least 8 rows: smaller products were not measured to compile (S's stage 4 has D = 8)
+        tile['BLOCK_D'] = min(triton.next_power_of_2(max(d, 8)), tile['BLOCK_D'])
         second = triton.cdiv(d, tile['BLOCK_D'])
     kernel = _kernels()[name]
     # Triton launches on the current CUDA device; make it the tensors' one.
