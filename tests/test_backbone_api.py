@@ -151,6 +151,23 @@ def test_with_cp_same_gradients():
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_with_cp_updates_batchnorm_statistics_once():
+    """A checkpointed block runs its forward twice; its BatchNorms' running statistics and
+    batch counts must still end as after one plain training step (they moved twice before)."""
+    torch.manual_seed(0)
+    a = tiny(layout='det', with_cp=True)
+    b = tiny(layout='det', with_cp=False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for m in (a, b):
+        m.train()
+        sum(o.mean() for o in m(x)).backward()
+    buffers = dict(b.named_buffers())
+    assert any('num_batches_tracked' in n for n in buffers)
+    for n, buf in a.named_buffers():
+        torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0, msg=n)
+
+
 def test_drop_path_rates_rise_linearly():
     model = OverLoCK(dict(TINY), drop_path_rate=0.5)
     order = [*model.blocks1, *model.blocks2, *model.blocks3, *model.blocks4,

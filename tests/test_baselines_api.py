@@ -206,6 +206,22 @@ def test_with_cp_same_gradients(cls):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), n
 
 
+@pytest.mark.parametrize('cls', [moga, unirep])
+def test_with_cp_updates_batchnorm_statistics_once(cls):
+    """Recomputation under with_cp leaves BatchNorm buffers as one plain step does."""
+    torch.manual_seed(0)
+    ref = cls().train()
+    ckpt = cls(with_cp=True).train()
+    ckpt.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    for m in (ref, ckpt):
+        sum(o.sum() for o in m(x)).backward()
+    buffers = dict(ref.named_buffers())
+    assert any('num_batches_tracked' in n for n in buffers)
+    for n, buf in ckpt.named_buffers():
+        torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0, msg=n)
+
+
 def test_drop_path_rises_linearly():
     model = MogaNet(dict(MOGA_TINY), drop_path_rate=0.5)
     rates = [getattr(b.drop_path, 'drop_prob', 0.) for i in range(1, 5)

@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -24,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.moga import MogaBlock
 from ..registry import MODELS
+from ..utils.activation_checkpoint import checkpoint_block
 from ._baseline_utils import (check_input, check_out_indices, load_released_weights,
                               pretrained_and_rest)
 
@@ -88,7 +88,8 @@ class MogaNet(BaseModule):
             (patch embedding, blocks and norm). -1 or 0 freezes nothing. Defaults to -1.
         norm_eval (bool): keep every BatchNorm in eval mode while training. Defaults to False.
         with_cp (bool | Sequence[bool]): gradient checkpointing of the blocks, one flag or one per
-            stage. Defaults to False.
+            stage; BatchNorm statistics move once per step, as without it
+            (:func:`~overlock_mm.utils.activation_checkpoint.checkpoint_block`). Defaults to False.
         init_cfg (dict | list[dict], optional): e.g. ``dict(type='Pretrained',
             checkpoint=RELEASED_IN1K['small'])``; the classifier ``head`` of ImageNet
             checkpoints is skipped, mmdet/mmseg checkpoints (``backbone.`` keys) load too.
@@ -199,7 +200,7 @@ class MogaNet(BaseModule):
             x = getattr(self, f'patch_embed{i + 1}')(x)
             for blk in getattr(self, f'blocks{i + 1}'):
                 if self.with_cp[i] and self.training and x.requires_grad:
-                    x = cp.checkpoint(blk, x, use_reentrant=False)
+                    x = checkpoint_block(blk, x)
                 else:
                     x = blk(x)
             x = getattr(self, f'norm{i + 1}')(x)

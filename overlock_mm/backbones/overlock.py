@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -27,6 +26,7 @@ from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerSc
 from ..layers.conv import conv_bn
 from ..layers.norm import GRN
 from ..registry import MODELS
+from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
 
 LAYOUTS = ('cls', 'seg', 'det')
@@ -85,7 +85,8 @@ class OverLoCK(BaseModule):
         norm_eval (bool): keep every BatchNorm in eval mode while training. Defaults to False.
         with_cp (bool | Sequence[bool]): gradient checkpointing of the blocks, one flag or one per
             resolution (stride 4, 8, 16 (blocks3 and sub_blocks3), 32 (blocks4 and
-            sub_blocks4)). Defaults to False.
+            sub_blocks4)); BatchNorm statistics move once per step, as without it
+            (:func:`~overlock_mm.utils.activation_checkpoint.checkpoint_block`). Defaults to False.
         deploy (bool): build the re-parameterised network directly (for ``*_reparam.pth``).
             Defaults to False.
         contmix_impl (str): ContMix aggregation implementation, ``'auto'`` picks the fastest
@@ -250,7 +251,7 @@ class OverLoCK(BaseModule):
     def _run(self, blocks: nn.ModuleList, use_cp: bool, *args):
         for blk in blocks:
             if use_cp and self.training and torch.is_grad_enabled():
-                out = cp.checkpoint(blk, *args, use_reentrant=False)
+                out = checkpoint_block(blk, *args)
             else:
                 out = blk(*args)
             if isinstance(blk, DynamicConvBlock):

@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -36,6 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers.norm import LayerNorm2d
 from ..layers.unirep import PLAIN_KERNELS, UNIREPLKNET_BRANCHES, UniRepLKNetBlock
 from ..registry import MODELS
+from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import is_reparameterized
 from ._baseline_utils import (check_input, check_out_indices, load_released_weights,
                               pretrained_and_rest)
@@ -92,7 +92,8 @@ class UniRepLKNet(BaseModule):
             nothing. Defaults to -1.
         norm_eval (bool): keep every BatchNorm in eval mode while training. Defaults to False.
         with_cp (bool | Sequence[bool]): gradient checkpointing of the blocks, one flag or one
-            per stage. Defaults to False.
+            per stage; BatchNorm statistics move once per step, as without it
+            (:func:`~overlock_mm.utils.activation_checkpoint.checkpoint_block`). Defaults to False.
         deploy (bool): build the re-parameterised network directly. Defaults to False.
         init_cfg (dict | list[dict], optional): e.g. ``dict(type='Pretrained',
             checkpoint=RELEASED_IN1K['t'])``; ImageNet checkpoints (training form) load into both
@@ -240,7 +241,7 @@ class UniRepLKNet(BaseModule):
             x = self.downsample_layers[i](x)
             for blk in self.stages[i]:
                 if self.with_cp[i] and self.training and x.requires_grad:
-                    x = cp.checkpoint(blk, x, use_reentrant=False)
+                    x = checkpoint_block(blk, x)
                 else:
                     x = blk(x)
             if self.layout == 'dense' and i in self.out_indices:
