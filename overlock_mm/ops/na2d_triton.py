@@ -96,7 +96,7 @@ from .neighborhood import lean_av_function
 #:   two up to this (masked), a larger ``D`` is split over the grid's second axis. grad_attn
 #:   always takes all ``D`` channels (its product runs over them).
 #:
-#: The values are the fastest of 7-13 candidates per kernel measured side by side on an NVIDIA
+#: The values are the fastest of 12 configurations per kernel measured side by side on an NVIDIA
 #: H100 (triton 3.6, torch 2.11; OverLoCK-T/S/XT detection and segmentation maps, batch 1 and 8;
 #: docs/performance.md): one warp per program beat two to eight nearly everywhere, and grad_value
 #: without software pipelining (``num_stages=1``) was 1.3-2.2x faster than with Triton's default
@@ -326,8 +326,8 @@ def band(k: int, max_j: int) -> Tuple[int, int]:
     ``BLOCK_J`` output columns read a window of ``BLOCK_Q = next_pow2(BLOCK_J + k - 1)`` value
     columns, ``k`` of them per output. The forward takes the largest ``BLOCK_J <= max_j`` whose
     window fits ``next_pow2(2k)`` columns: 8 at k = 5 and 7 (16-column windows), 16 at k = 13
-    (32) -- the fastest choices measured on an H100 (8 columns 1.7x faster than 16 at k = 5 and
-    7, 16 1.1-1.2x faster than 8 at k = 13; docs/performance.md). Windows are at least
+    (32) -- the fastest choices measured on an H100 (8 columns 1.3-1.7x faster than 16 at k = 5
+    and 7, 16 1.0-1.2x faster than 8 at k = 13; docs/performance.md). Windows are at least
     ``MIN_DOT_K`` columns.
     """
     window = max(MIN_DOT_K, triton.next_power_of_2(2 * k))
