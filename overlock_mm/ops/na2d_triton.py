@@ -109,9 +109,9 @@ TILES: Dict[str, Dict[str, int]] = {
 }
 TILES_ENV = 'OVERLOCK_TRITON_TILES'
 
-#: accumulator dtype and ``tl.dot`` precision per input dtype (module docstring: why ``tf32x3``
-#: for float32, and why one TF32 pass is exact for fp16 / bf16 widened to float32)
-_ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32}
+#: the supported input dtypes and their ``tl.dot`` precision (module docstring: why ``tf32x3`` for
+#: float32, and why one TF32 pass is exact for fp16 / bf16 widened to float32). Every kernel
+#: widens its loaded tiles to float32 and accumulates in float32.
 _PREC = {torch.float16: 'tf32', torch.bfloat16: 'tf32', torch.float32: 'tf32x3'}
 #: the least length of a product's reduction axis (the band window, grad_value's column chunk,
 #: grad_attn's channels): an 8-column window (k = 5, 4 columns) failed to compile in float32
@@ -131,12 +131,12 @@ MIN_DOT_K = 16
 # ``K`` (the kernel size) is a compile-time constant. Program ids are flattened over
 # (batch * group, row, column tile). The per-(batch, group) base offsets are int64: attn has
 # B*G*k*k*H*W elements, which exceeds 2**31 for large batches at k = 13; offsets inside one
-# plane stay int32. Loaded tiles are widened to ACC before the product (see _PREC).
+# plane stay int32. Loaded tiles are widened to float32 before the product (see _PREC).
 # --------------------------------------------------------------------------------------------
 
 def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_jb, K: tl.constexpr,
               BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr, ACC: tl.constexpr):
+              PREC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
@@ -156,10 +156,10 @@ def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_jb, K: tl.constexpr,
     vm = dm[:, None] & (cols < W)[None, :]
     a_ptrs = attn_ptr + bg * (K * K) * HW + b * HW + (i * W + j)[None, :]
     v_ptrs = value_ptr + bg * D * HW + d[:, None] * HW + si * W + cols[None, :]
-    acc = tl.full([BLOCK_D, BLOCK_J], 0.0, dtype=ACC)
+    acc = tl.full([BLOCK_D, BLOCK_J], 0.0, dtype=tl.float32)
     for a in range(K):
-        band = tl.load(a_ptrs + a * K * HW, mask=am, other=0.0).to(ACC)
-        v = tl.load(v_ptrs + a * W, mask=vm, other=0.0).to(ACC)
+        band = tl.load(a_ptrs + a * K * HW, mask=am, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs + a * W, mask=vm, other=0.0).to(tl.float32)
         acc = tl.dot(v, band, acc, input_precision=PREC)
     o_ptrs = out_ptr + bg * D * HW + d[:, None] * HW + (i * W + j)[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=dm[:, None] & jm[None, :])
@@ -167,7 +167,7 @@ def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_jb, K: tl.constexpr,
 
 def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_jb, K: tl.constexpr,
                     BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PREC: tl.constexpr, ACC: tl.constexpr):
+                    PREC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
@@ -183,11 +183,12 @@ def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_jb, K: tl
     cols = c0 + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)  # all channels (padded, masked)
     dm = d < D
+    # go [BLOCK_J, BLOCK_D], v [BLOCK_D, BLOCK_Q]
     go = tl.load(grad_out_ptr + bg * D * HW + d[None, :] * HW + (i * W + j)[:, None],
-                 mask=jm[:, None] & dm[None, :], other=0.0).to(ACC)  # [BLOCK_J, BLOCK_D]
+                 mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
     v = tl.load(value_ptr + bg * D * HW + d[:, None] * HW + (si + a) * W + cols[None, :],
-                mask=dm[:, None] & (cols < W)[None, :], other=0.0).to(ACC)  # [BLOCK_D, BLOCK_Q]
-    s = tl.dot(go, v, tl.full([BLOCK_J, BLOCK_Q], 0.0, dtype=ACC), input_precision=PREC)
+                mask=dm[:, None] & (cols < W)[None, :], other=0.0).to(tl.float32)
+    s = tl.dot(go, v, tl.full([BLOCK_J, BLOCK_Q], 0.0, dtype=tl.float32), input_precision=PREC)
     b = cols[None, :] - sj[:, None]  # [BLOCK_J, BLOCK_Q]: keep the band
     ga_ptrs = grad_attn_ptr + bg * (K * K) * HW + (a * K + b) * HW + (i * W + j)[:, None]
     tl.store(ga_ptrs, s.to(grad_attn_ptr.dtype.element_ty), mask=(b >= 0) & (b < K) & jm[:, None])
@@ -195,7 +196,7 @@ def _grad_attn_body(grad_out_ptr, value_ptr, grad_attn_ptr, D, H, W, n_jb, K: tl
 
 def _grad_value_body(attn_ptr, grad_out_ptr, grad_value_ptr, D, H, W, n_qb, K: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, ACC: tl.constexpr):
+                     PREC: tl.constexpr):
     R: tl.constexpr = K // 2
     HW = H * W
     pid = tl.program_id(0)
@@ -216,7 +217,7 @@ def _grad_value_body(attn_ptr, grad_out_ptr, grad_value_ptr, D, H, W, n_qb, K: t
     dm = d < D
     a_base = attn_ptr + bg * (K * K) * HW
     go_base = grad_out_ptr + bg * D * HW + d[:, None] * HW
-    acc = tl.full([BLOCK_D, BLOCK_Q], 0.0, dtype=ACC)
+    acc = tl.full([BLOCK_D, BLOCK_Q], 0.0, dtype=tl.float32)
     for i in range(i_lo, i_hi + 1):
         a = p - tl.minimum(tl.maximum(i - R, 0), H - K)  # tap row through which i reads row p
         for c in range(n_chunks):
@@ -225,9 +226,9 @@ def _grad_value_body(attn_ptr, grad_out_ptr, grad_value_ptr, D, H, W, n_qb, K: t
             b = q[None, :] - tl.minimum(tl.maximum(j - R, 0), W - K)[:, None]  # [J, Q]
             am = (b >= 0) & (b < K) & jm[:, None] & qm[None, :]
             band = tl.load(a_base + (a * K + b) * HW + (i * W + j)[:, None], mask=am,
-                           other=0.0).to(ACC)
+                           other=0.0).to(tl.float32)
             go = tl.load(go_base + (i * W + j)[None, :], mask=dm[:, None] & jm[None, :],
-                         other=0.0).to(ACC)
+                         other=0.0).to(tl.float32)
             acc = tl.dot(go, band, acc, input_precision=PREC)
     gv_ptrs = grad_value_ptr + bg * D * HW + d[:, None] * HW + (p * W + q)[None, :]
     tl.store(gv_ptrs, acc.to(grad_value_ptr.dtype.element_ty), mask=dm[:, None] & qm[None, :])
@@ -313,8 +314,8 @@ def _check(*tensors: torch.Tensor) -> None:
         if not t.is_contiguous():
             raise ValueError('na2d triton kernels need contiguous tensors; got strides '
                              f'{t.stride()} for shape {tuple(t.shape)}.')
-        if t.dtype not in _ACC:
-            raise TypeError(f'na2d triton kernels support {sorted(map(str, _ACC))}, '
+        if t.dtype not in _PREC:
+            raise TypeError(f'na2d triton kernels support {sorted(map(str, _PREC))}, '
                             f'got {t.dtype}.')
     if len({(t.dtype, t.device) for t in tensors}) != 1:
         raise ValueError('na2d triton kernels need all tensors in one dtype on one device.')
@@ -361,8 +362,7 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
     ctx = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
     with ctx:
         kernel[(b * g * h * n_cols, second)](*args, d, h, w, n_cols, K=k,
-                                             PREC=_PREC[value_like.dtype],
-                                             ACC=_ACC[value_like.dtype], **options, **tile)
+                                             PREC=_PREC[value_like.dtype], **options, **tile)
 
 
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
@@ -415,7 +415,7 @@ def na2d_av_triton(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) ->
     from .neighborhood import _check_inputs, _compute_dtype, _na2d_av_native
     _check_inputs(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
-    if attn.device != value.device or not can_run(value.device) or dtype not in _ACC:
+    if attn.device != value.device or not can_run(value.device) or dtype not in _PREC:
         return _na2d_av_native(attn, value, kernel_size)
     # Same casting rule as 'native': autocast decides the dtype, the kernels accumulate in fp32.
     a, v = attn.to(dtype).contiguous(), value.to(dtype).contiguous()
