@@ -191,7 +191,9 @@ def test_norm_eval(cls):
 
 
 @pytest.mark.parametrize('cls', [moga, unirep])
-def test_with_cp_same_gradients(cls):
+def test_with_cp_same_gradients_and_batchnorm_statistics(cls):
+    """Same gradients, and recomputation under with_cp leaves BatchNorm buffers as one plain
+    step does (they moved twice before)."""
     torch.manual_seed(0)
     ref = cls().train()
     ckpt = cls(with_cp=True).train()
@@ -204,18 +206,6 @@ def test_with_cp_same_gradients(cls):
     sum(o.sum() for o in ckpt(x2)).backward()
     for (n, a), b in zip(ref.named_parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), n
-
-
-@pytest.mark.parametrize('cls', [moga, unirep])
-def test_with_cp_updates_batchnorm_statistics_once(cls):
-    """Recomputation under with_cp leaves BatchNorm buffers as one plain step does."""
-    torch.manual_seed(0)
-    ref = cls().train()
-    ckpt = cls(with_cp=True).train()
-    ckpt.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    for m in (ref, ckpt):
-        sum(o.sum() for o in m(x)).backward()
     buffers = dict(ref.named_buffers())
     assert any('num_batches_tracked' in n for n in buffers)
     for n, buf in ckpt.named_buffers():
