@@ -1,9 +1,26 @@
-"""overlock_mm.utils.activation_checkpoint: recomputation leaves BatchNorm buffers alone."""
+"""overlock_mm.utils.activation_checkpoint: recomputation leaves BatchNorm buffers alone and
+keeps only what it should."""
 import pytest
 import torch
 import torch.nn as nn
 
-from overlock_mm.utils.activation_checkpoint import checkpoint_block, frozen_bn_statistics
+from overlock_mm.utils.activation_checkpoint import (checkpoint_block, frozen_bn_statistics,
+                                                     sequential_with_recompute)
+
+
+def saved_storages(fn, min_bytes=1024):
+    """Run ``fn()``; return its output and the storages of at least ``min_bytes`` (feature maps,
+    not weights or BatchNorm statistics) that autograd kept for backward."""
+    kept = set()
+
+    def pack(t):
+        if t.untyped_storage().nbytes() >= min_bytes:
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, kept
 
 
 @pytest.mark.parametrize('momentum', [0.1, None])  # None: cumulative moving average
@@ -38,3 +55,37 @@ def test_frozen_statistics_restores_on_error_and_skips_eval_layers():
     assert bn_train.momentum == 0.1
     assert bn_train.num_batches_tracked.item() == 0
     assert torch.equal(bn_train.running_mean, torch.zeros(2))
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.GELU(),
+                         nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.GELU(),
+                         nn.Conv2d(4, 2, 1)).train()
+
+
+def test_sequential_with_recompute_matches_plain_and_keeps_less():
+    torch.manual_seed(0)
+    plain, lean = _net(), _net()
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    xp, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_plain, kept_plain = saved_storages(lambda: plain(xp))
+    out_lean, kept_lean = saved_storages(lambda: sequential_with_recompute(lean, xl, [(1, 6)]))
+    torch.testing.assert_close(out_lean, out_plain, rtol=0, atol=0)
+    # Plain: the inputs of layers 0-6 (7 maps, x included). Recomputing layers 1-5 keeps only
+    # x, their input (layer 0's output) and layer 6's input.
+    assert len(kept_plain) == 7
+    assert len(kept_lean) == 3
+    out_plain.square().sum().backward()
+    out_lean.square().sum().backward()
+    torch.testing.assert_close(xl.grad, xp.grad)
+    for (n, a), b in zip(plain.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+    for (n, a), b in zip(plain.state_dict().items(), lean.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)  # BN statistics moved once
+
+
+@pytest.mark.parametrize('ranges', [[(2, 1)], [(0, 3), (2, 5)], [(0, 8)], [(3, 3)]])
+def test_sequential_with_recompute_rejects_bad_ranges(ranges):
+    with pytest.raises(ValueError, match='bad range'):
+        sequential_with_recompute(_net(), torch.randn(1, 3, 4, 4), ranges)

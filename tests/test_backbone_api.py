@@ -141,7 +141,7 @@ def test_with_cp_same_gradients_and_batchnorm_statistics():
     statistics moved twice before)."""
     torch.manual_seed(0)
     a = tiny(layout='seg', with_cp=[False, True, True, True])
-    b = tiny(layout='seg', with_cp=False)
+    b = tiny(layout='seg', with_cp=False, memory_efficient=False)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 64, 64)
     for m in (a, b):
@@ -156,6 +156,66 @@ def test_with_cp_same_gradients_and_batchnorm_statistics():
     assert any('num_batches_tracked' in n for n in buffers)
     for n, buf in a.named_buffers():
         torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0, msg=n)
+
+
+def _training_step(model, x):
+    """One forward/backward; returns the outputs, the ids of the storages autograd kept for
+    backward (with their bytes) and the outputs of every dilated-branch convolution."""
+    from overlock_mm.layers import DilatedReparamBlock
+    branch_outputs = []  # the tensors themselves: alive, so no storage can be reused meanwhile
+    hooks = [conv.register_forward_hook(lambda mod, inp, out: branch_outputs.append(out))
+             for drb in model.modules() if isinstance(drb, DilatedReparamBlock)
+             for conv in drb.children() if isinstance(conv, torch.nn.Conv2d)]
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = model(x)
+    for h in hooks:
+        h.remove()
+    sum(o.square().mean() for o in outs).backward()
+    return outs, kept, {o.untyped_storage().data_ptr() for o in branch_outputs}
+
+
+def test_memory_efficient_keeps_less_and_changes_nothing():
+    """Selective recomputation (the default) keeps none of the re-parameterisation branches'
+    outputs and less memory in all, with the outputs, gradients and BatchNorm statistics of the
+    plain training step."""
+    torch.manual_seed(0)
+    plain = tiny(layout='det', memory_efficient=False)
+    lean = tiny(layout='det')
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    out_plain, kept_plain, branches_plain = _training_step(plain, x)
+    out_lean, kept_lean, branches_lean = _training_step(lean, x)
+    assert branches_plain <= set(kept_plain)  # the plain step keeps every branch output
+    assert not branches_lean & set(kept_lean)
+    # ... and saves at least their bytes in all (the MLP tails' maps come on top)
+    branch_bytes = sum(kept_plain[p] for p in branches_plain)
+    assert sum(kept_lean.values()) <= sum(kept_plain.values()) - branch_bytes
+    for a, b in zip(out_lean, out_plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (n, pa), pb in zip(lean.named_parameters(), plain.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), n
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)
+    buffers = dict(plain.named_buffers())
+    for n, buf in lean.named_buffers():
+        torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0, msg=n)
+
+
+def test_memory_efficient_is_off_inside_checkpointed_blocks():
+    model = tiny(layout='det', with_cp=(True, False, True, False))
+    flags = {name: blk.memory_efficient for name in ('blocks1', 'blocks2', 'blocks3', 'blocks4',
+                                                      'sub_blocks3', 'sub_blocks4')
+             for blk in getattr(model, name)}
+    assert flags == dict(blocks1=False, blocks2=True, blocks3=False, blocks4=True,
+                         sub_blocks3=False, sub_blocks4=True)
+    assert not any(blk.memory_efficient for blk in tiny(memory_efficient=False).sub_blocks3)
 
 
 def test_drop_path_rates_rise_linearly():

@@ -87,6 +87,13 @@ class OverLoCK(BaseModule):
             resolution (stride 4, 8, 16 (blocks3 and sub_blocks3), 32 (blocks4 and
             sub_blocks4)); BatchNorm statistics move once per step, as without it
             (:func:`~overlock_mm.utils.activation_checkpoint.checkpoint_block`). Defaults to False.
+        memory_efficient (bool): in training, recompute the cheap layers whose activations are
+            large (the dilated re-parameterisation branches with their norms, the MLPs'
+            GELU -> DW 3x3 -> GRN; see ``RECOMPUTE`` in ``layers/blocks.py``) in backward instead
+            of keeping them: same outputs, gradients and BatchNorm statistics, 0.55x the
+            activation memory of OverLoCK-T at 1344x800 for a few per cent more step time
+            (docs/performance.md). Blocks that ``with_cp`` checkpoints whole do not also do
+            this. Defaults to True.
         deploy (bool): build the re-parameterised network directly (for ``*_reparam.pth``).
             Defaults to False.
         contmix_impl (str): ContMix aggregation implementation, ``'auto'`` picks the fastest
@@ -122,6 +129,7 @@ class OverLoCK(BaseModule):
                  with_cp: Union[bool, Sequence[bool]] = False,
                  deploy: bool = False,
                  contmix_impl: str = 'auto',
+                 memory_efficient: bool = True,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch = self._parse_arch(arch)
@@ -162,6 +170,10 @@ class OverLoCK(BaseModule):
         self.norm_eval = norm_eval
         self.drop_path_rate = drop_path_rate
         self.deploy = deploy
+        self.memory_efficient = memory_efficient
+        # Selective recomputation inside a block that is checkpointed whole would run it a third
+        # time in backward and keep nothing less.
+        lean = [memory_efficient and not cp for cp in self.with_cp]
 
         total = sum(depths) + sum(sub_depths)
         rates = iter([drop_path_rate * i / max(total - 1, 1) for i in range(total)])
@@ -176,7 +188,8 @@ class OverLoCK(BaseModule):
         for i in range(4):
             blocks = nn.ModuleList(
                 RepConvBlock(dims[i], kernels[i], self.arch['mlp_ratio'][i], ls_init_values[i],
-                             next(rates), deploy=deploy) for _ in range(depths[i]))
+                             next(rates), deploy=deploy, memory_efficient=lean[i])
+                for _ in range(depths[i]))
             self.add_module(f'blocks{i + 1}', blocks)
         for s, stage in enumerate((2, 3)):
             n = sub_depths[s]
@@ -185,7 +198,8 @@ class OverLoCK(BaseModule):
                                  self.arch['sub_mlp_ratio'][s], ls_init_values[stage], next(rates),
                                  is_first=(stage == 2 and j == 0),
                                  is_last=(stage == 3 and j == n - 1),
-                                 deploy=deploy, contmix_impl=contmix_impl)
+                                 deploy=deploy, contmix_impl=contmix_impl,
+                                 memory_efficient=lean[stage])
                 for j in range(n))
             self.add_module(f'sub_blocks{stage + 1}', blocks)
         if layout == 'det':

@@ -11,12 +11,22 @@ from mmcv.cnn.bricks import DropPath
 
 from .contmix import NUM_REGIONS_SIDE, contmix_aggregate, contmix_kernels
 from .conv import DWConv2d, ResDWConv, SEModule, conv_bn
+from ..utils.activation_checkpoint import sequential_with_recompute
 from .norm import GRN, LayerNorm2d, LayerScale, layer_scale_or_identity
 from .reparam import DilatedReparamBlock
 
 
 def drop_path_or_identity(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def run_sequential(seq: nn.Sequential, x: torch.Tensor, recompute: Tuple[Tuple[int, int], ...],
+                   memory_efficient: bool) -> torch.Tensor:
+    """``seq(x)``; in a training forward with ``memory_efficient``, the layer ranges in
+    ``recompute`` are run again in backward instead of keeping their activations."""
+    if memory_efficient and seq.training and torch.is_grad_enabled():
+        return sequential_with_recompute(seq, x, recompute)
+    return seq(x)
 
 
 class RepConvBlock(nn.Module):
@@ -32,13 +42,24 @@ class RepConvBlock(nn.Module):
         ls_init_value (float, optional): LayerScale init; None makes ``ls`` an identity.
         drop_path (float): stochastic depth rate.
         deploy (bool): build the re-parameterised form directly.
+        memory_efficient (bool): in training, recompute the layers of :attr:`RECOMPUTE` in
+            backward instead of keeping their activations (same outputs, gradients and
+            BatchNorm statistics). Defaults to True.
     """
+
+    #: ``proj`` layers recomputed in backward under ``memory_efficient``. [LN, dilated branches,
+    #: BN, SE]: none of the ten ``dim`` maps inside is kept (seven are the branches' BatchNorm
+    #: inputs at K >= 13; the range's input is kept by ``ls`` anyway). [GELU, DW 3x3, GRN]: two
+    #: of the four ``hidden`` maps are not kept. Both are cheap to run again next to the 1x1
+    #: convolutions around them, which are not recomputed.
+    RECOMPUTE = ((0, 4), (5, 8))
 
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: float = 4.,
                  ls_init_value: Optional[float] = None, drop_path: float = 0.,
-                 deploy: bool = False) -> None:
+                 deploy: bool = False, memory_efficient: bool = True) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        self.memory_efficient = memory_efficient
         self.dwconv = ResDWConv(dim)
         self.proj = nn.Sequential(
             LayerNorm2d(dim),
@@ -56,7 +77,7 @@ class RepConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
-        return self.ls(x) + self.proj(x)
+        return self.ls(x) + run_sequential(self.proj, x, self.RECOMPUTE, self.memory_efficient)
 
 
 class DynamicConvBlock(nn.Module):
@@ -76,13 +97,24 @@ class DynamicConvBlock(nn.Module):
         is_last (bool): the last block returns the concatenated ``C + C3 // 4`` channels.
         deploy (bool): build the re-parameterised form directly.
         contmix_impl (str): aggregation implementation (see :func:`overlock_mm.ops.na2d_av`).
+        memory_efficient (bool): in training, recompute ``fusion``'s [DW 3x3, BN, GELU], the
+            whole ``lepe`` (dilated branches + BN) and ``mlp``'s [GELU, DW 3x3, GRN] in
+            backward instead of keeping their activations (as in :class:`RepConvBlock`).
+            Defaults to True.
     """
+
+    #: recomputed layer ranges of ``fusion``, ``lepe`` and ``mlp`` under ``memory_efficient``.
+    RECOMPUTE_FUSION = ((0, 3),)
+    RECOMPUTE_LEPE = ((0, 2),)
+    RECOMPUTE_MLP = ((1, 4),)
 
     def __init__(self, dim: int, ctx_dim: int, kernel_size: int, smk_size: int = 5,
                  num_heads: int = 2, mlp_ratio: float = 3., ls_init_value: float = 1.,
                  drop_path: float = 0., is_first: bool = False, is_last: bool = False,
-                 deploy: bool = False, contmix_impl: str = 'auto') -> None:
+                 deploy: bool = False, contmix_impl: str = 'auto',
+                 memory_efficient: bool = True) -> None:
         super().__init__()
+        self.memory_efficient = memory_efficient
         cd = ctx_dim // 4
         out_dim = dim + cd
         groups = 2 * num_heads
@@ -167,16 +199,18 @@ class DynamicConvBlock(nn.Module):
         f = self.dwconv1(torch.cat([x, h_x], dim=1))
         identity = f
         f = self.norm1(f)
-        x = self.fusion(f)
+        lean = self.memory_efficient
+        x = run_sequential(self.fusion, f, self.RECOMPUTE_FUSION, lean)
         gate = self.gate(x)
-        lepe = self.lepe(x)
+        lepe = run_sequential(self.lepe, x, self.RECOMPUTE_LEPE, lean)
         x = self.contmix(x, f)
         x = self.dyconv_proj(x) + lepe
         x = self.se_layer(x)
         x = self.proj(gate * x)
         x = self.ls1(identity) + self.drop_path(x)
         x = self.dwconv2(x)
-        x = self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.ls2(x) + self.drop_path(
+            run_sequential(self.mlp, self.norm2(x), self.RECOMPUTE_MLP, lean))
         if self.is_last:
             return x, None
         return x[:, :self.dim], x[:, self.dim:]

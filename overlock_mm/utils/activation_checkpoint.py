@@ -8,24 +8,30 @@ without it -- and evaluates differently. :func:`checkpoint_block` recomputes wit
 statistics frozen: the recomputed forward normalises with the same batch statistics as the
 first one (so outputs and gradients are unchanged) but leaves the buffers as the first forward
 left them.
+
+:func:`sequential_with_recompute` applies the same to a few runs of layers inside a block
+(selective recomputation: keep what is expensive to recompute, recompute what is cheap to run
+but large to keep -- Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+Models", 2022, apply the idea to attention).
 """
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @contextlib.contextmanager
-def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
-    """Inside, BatchNorm layers of ``module`` in training mode do not change their buffers.
+def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers of ``modules`` in training mode do not change their buffers.
 
     ``momentum = 0`` makes the update ``running = running * 1 + batch * 0`` (also when momentum
     is ``None``, the cumulative average); ``num_batches_tracked`` is put back on exit.
     """
     saved = []
-    for m in module.modules():
+    for m in (sub for module in modules for sub in module.modules()):
         if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
             tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
             saved.append((m, m.momentum, tracked))
@@ -45,3 +51,42 @@ def checkpoint_block(block: nn.Module, *args: Any) -> Any:
     return cp.checkpoint(block, *args, use_reentrant=False,
                          context_fn=lambda: (contextlib.nullcontext(),
                                              frozen_bn_statistics(block)))
+
+
+def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``layers`` applied in turn to ``x``, checkpointed as one block: only ``x`` is kept for
+    backward, BatchNorm statistics are updated by the first forward only."""
+    layers = tuple(layers)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return cp.checkpoint(run, x, use_reentrant=False,
+                         context_fn=lambda: (contextlib.nullcontext(),
+                                             frozen_bn_statistics(*layers)))
+
+
+def sequential_with_recompute(seq: nn.Sequential, x: torch.Tensor,
+                              ranges: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """``seq(x)``, with the layers ``seq[start:stop]`` of every ``(start, stop)`` in ``ranges``
+    recomputed in backward (:func:`checkpoint_layers`) instead of keeping their activations.
+
+    Outputs, gradients and BatchNorm statistics are those of ``seq(x)``; ``ranges`` must be
+    increasing and must not overlap.
+    """
+    layers = list(seq)
+    done = 0
+    for start, stop in ranges:
+        if not done <= start < stop <= len(layers):
+            raise ValueError(f'sequential_with_recompute: bad range ({start}, {stop}) for '
+                             f'{len(layers)} layers after {done}; ranges must be increasing, '
+                             'non-empty and must not overlap.')
+        for layer in layers[done:start]:
+            x = layer(x)
+        x = checkpoint_layers(layers[start:stop], x)
+        done = stop
+    for layer in layers[done:]:
+        x = layer(x)
+    return x

@@ -27,8 +27,10 @@ Model level (``--models``): inference and training-step throughput and peak memo
 backbones at classification (224), detection (1344x800, batch 1) and segmentation (512x512)
 sizes, with our fast op (``contmix_impl='auto'``) against the ``F.unfold`` formulation
 (``contmix_impl='reference'``), re-parameterised (``switch_to_deploy()``) or not (inference),
-with and without ``with_cp=True`` (training). A training step is forward, ``sum(mean(out))``,
-backward and an SGD step (no momentum: no optimizer state).
+with and without ``with_cp=True`` (training), and with selective recomputation turned off
+(``memory_efficient=False``: what the default's lower memory costs in time). A training step is
+forward, ``sum(mean(out))``, backward and an SGD step (no momentum: no optimizer state). Both
+sides are the same network (``memory_efficient`` at its default) and differ only in the op.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the allocation before the
 measured call. On CPU the peak resident set size of this process above the level before the
@@ -50,7 +52,8 @@ Usage::
 The default run is: op level for OverLoCK-T at all three task sizes (both ContMix kernels, all
 implementations), and model level OverLoCK-T detection (1344x800, batch 1) inference
 (reference, ours, ours re-parameterised) and training steps (reference, ours, ours +
-``with_cp=True``, ours + ``with_cp=(True, False, False, False)``), which the targets need, plus the depthwise-conv level of the OverLoCK-T
+``with_cp=True``, ours + ``with_cp=(True, False, False, False)``, ours +
+``memory_efficient=False``), which the targets need, plus the depthwise-conv level of the OverLoCK-T
 detection backbone. ``--full`` runs every variant (xt, t, s, b), task
 (cls, det, seg) and combination (reference re-parameterised and checkpointed too); on a CPU it
 takes hours and the larger variants' reference training steps need > 20 GB of memory at
@@ -611,6 +614,7 @@ class ModelConfig:
     deploy: bool = False
     with_cp: Union[bool, Tuple[bool, ...]] = False
     torch_dwconv: bool = False  # PyTorch's own depthwise conv instead of overlock_mm's CPU path
+    memory_efficient: bool = True  # OverLoCK(memory_efficient=...): selective recomputation
     batch: int = 1
     size: Tuple[int, int] = (224, 224)
     results: dict = field(default_factory=dict)
@@ -618,7 +622,8 @@ class ModelConfig:
     @property
     def name(self) -> str:
         extra = ((' deploy' if self.deploy else '') + cp_label(self.with_cp)
-                 + (' torch-dwconv' if self.torch_dwconv else ''))
+                 + (' torch-dwconv' if self.torch_dwconv else '')
+                 + ('' if self.memory_efficient else ' memory_efficient=False'))
         return (f'{self.variant}-{self.task} {self.mode:5} {self.impl:9}{extra} '
                 f'b{self.batch} {self.size[1]}x{self.size[0]}')
 
@@ -639,6 +644,8 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
     Without ``full`` the reference is not re-parameterised or checkpointed (those rows cost
     minutes each on a CPU and answer no target). ``cp_stages`` adds training rows of our op
     with checkpointing at some resolutions only (``OverLoCK(with_cp=(s4, s8, s16, s32))``).
+    Our op's training row without selective recomputation (``memory_efficient=False``) is
+    always added.
     ``torch_dwconv`` adds, per mode, the reference run with PyTorch's own depthwise convolution:
     the authors' network as it runs without any of our CPU paths.
     """
@@ -660,6 +667,8 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
                         continue
                     configs.append(ModelConfig(variant, task, 'train', impl, with_cp=cp, **kw))
                 if impl == 'auto':
+                    configs.append(ModelConfig(variant, task, 'train', impl,
+                                               memory_efficient=False, **kw))
                     for stages in cp_stages:
                         configs.append(ModelConfig(variant, task, 'train', impl,
                                                    with_cp=tuple(stages), **kw))
@@ -675,7 +684,7 @@ def bench_model(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int
             return bench_model(replace(cfg, torch_dwconv=False), device, warmup, repeat)
     torch.manual_seed(0)
     model = OverLoCK(cfg.variant, layout=LAYOUT[cfg.task], contmix_impl=cfg.impl,
-                     with_cp=cfg.with_cp).to(device)
+                     with_cp=cfg.with_cp, memory_efficient=cfg.memory_efficient).to(device)
     if cfg.deploy:
         model.eval()
         model.switch_to_deploy()
@@ -827,14 +836,17 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
                  == ('t', 'det', 'train', False)]
         ref = next((c['results'] for c in train
                     if c['impl'] == 'reference' and c['with_cp'] is False
-                    and not c.get('torch_dwconv')), None)
+                    and not c.get('torch_dwconv') and c.get('memory_efficient', True)), None)
         for c in train:
             if c['impl'] != 'auto' or not ref:
                 continue
             o, cp = c['results'], c['with_cp']
             suffix = '' if cp is False else '_cp' if cp is True else '_cp' + cp_label(cp)[9:]
-            if suffix not in ('', '_cp'):  # partial checkpointing: reported, same thresholds
-                label = f'same, ours with{cp_label(cp)}'
+            if not c.get('memory_efficient', True):
+                suffix += '_keep_all'
+            if suffix not in ('', '_cp'):  # other settings: reported, same thresholds
+                label = (f'same, ours with{cp_label(cp)}'
+                         + ('' if c.get('memory_efficient', True) else ' memory_efficient=False'))
                 targets.append(('train_time_ratio' + suffix, label + ': time / reference', 0.5,
                                 '<='))
                 targets.append(('train_mem_ratio' + suffix, label + ': peak memory / reference',
