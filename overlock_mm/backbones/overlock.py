@@ -90,10 +90,10 @@ class OverLoCK(BaseModule):
         memory_efficient (bool): in training, recompute the cheap layers whose activations are
             large (the dilated re-parameterisation branches with their norms, the MLPs'
             GELU -> DW 3x3 -> GRN; see ``RECOMPUTE`` in ``layers/blocks.py``) in backward instead
-            of keeping them: same outputs, gradients and BatchNorm statistics, 0.55x the
-            activation memory of OverLoCK-T at 1344x800 for a few per cent more step time
-            (docs/performance.md). Blocks that ``with_cp`` checkpoints whole do not also do
-            this. Defaults to True.
+            of keeping them: same outputs, gradients and BatchNorm statistics; an OverLoCK-T
+            training step at 1344x800 on CPU peaks at 3.8 instead of 7.0 GB for 4-25 % more
+            time (docs/performance.md). Blocks that ``with_cp`` checkpoints whole do not also
+            do this. Defaults to True; False for the fastest step when memory is plentiful.
         deploy (bool): build the re-parameterised network directly (for ``*_reparam.pth``).
             Defaults to False.
         contmix_impl (str): ContMix aggregation implementation, ``'auto'`` picks the fastest
