@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
+from ..utils.activation_checkpoint import sequential_with_recompute
 from .contmix import NUM_REGIONS_SIDE, contmix_aggregate, contmix_kernels
 from .conv import DWConv2d, ResDWConv, SEModule, conv_bn
-from ..utils.activation_checkpoint import sequential_with_recompute
 from .norm import GRN, LayerNorm2d, LayerScale, layer_scale_or_identity
 from .reparam import DilatedReparamBlock
 
