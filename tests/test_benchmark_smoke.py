@@ -38,3 +38,19 @@ def test_profile_step_prints_a_table():
     table = mod.main(['--variant', 'xt', '--task', 'cls', '--mode', 'train', '--warmup', '0',
                       '--rows', '5', '--device', 'cpu'])
     assert 'aten::' in table and 'Self CPU' in table
+
+
+def test_profile_step_saved_census_sees_the_recomputation():
+    """The census must find the dilated branches' saved maps without selective recomputation
+    and a smaller total with it (the default)."""
+    mod = load_tool('tools/analysis/profile_step.py', 'olk_profile_step')
+    args = ['--variant', 'xt', '--task', 'cls', '--saved', '--rows', '40', '--device', 'cpu']
+    plain = mod.main(args + ['--no-memory-efficient'])
+    lean = mod.main(args)
+
+    def total(text):
+        return float(text.split('saved for backward: ')[1].split(' MiB')[0])
+
+    assert 'DilatedReparamBlock/' in plain
+    assert 'DilatedReparamBlock/' not in lean
+    assert total(lean) < total(plain)

@@ -2,13 +2,20 @@
 
     python tools/analysis/profile_step.py --variant t --task det            # CUDA if present
     python tools/analysis/profile_step.py --impl reference --rows 25 --mode infer
+    python tools/analysis/profile_step.py --saved [--no-memory-efficient]   # activation census
 
 A training step is the one ``benchmark.py`` times (forward, ``sum(mean(outputs))``, backward),
 after ``--warmup`` untimed steps; on CUDA the table is sorted by GPU time (``cuda_time_total``),
 on CPU by CPU time. A diagnostic printout, not a measurement to quote: the profiler adds its own
 overhead per op.
+
+``--saved`` prints instead what the training forward keeps for backward: the bytes of every
+storage autograd saves (``torch.autograd.graph.saved_tensors_hooks``; each storage counted once),
+by the innermost module that saved it first and by that module's parent. Peak memory itself is
+``benchmark.py``'s business; this says where it goes.
 """
 import argparse
+import collections
 import os
 import sys
 from typing import Optional, Sequence
@@ -31,7 +38,51 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--rows', type=int, default=20, help='table rows')
     parser.add_argument('--device', help="'cuda' or 'cpu' (default: cuda if present)")
     parser.add_argument('--cudnn-benchmark', action='store_true')
+    parser.add_argument('--saved', action='store_true',
+                        help='census of the activations saved for backward (training forward)')
+    parser.add_argument('--no-memory-efficient', action='store_true',
+                        help='OverLoCK(memory_efficient=False): keep every activation')
     return parser.parse_args(argv)
+
+
+def saved_census(model: torch.nn.Module, x: torch.Tensor, rows: int) -> str:
+    """Bytes saved for backward by one training forward, by module type and parent/module."""
+    stack = []
+
+    def enter(mod, inputs):
+        stack.append(mod)
+
+    def leave(mod, inputs, output):
+        stack.pop()  # returns None: the output stays as it is
+
+    hooks = [h for m in model.modules()
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    seen = {}
+    by_type, by_parent = collections.Counter(), collections.Counter()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:  # every saved tensor stays alive until backward: no address reuse
+            seen[key] = storage.nbytes()
+            names = [type(m).__name__ for m in stack[-2:]] or ['-']
+            by_type[names[-1]] += storage.nbytes()
+            by_parent['/'.join(names)] += storage.nbytes()
+        return t
+
+    try:
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    del outs
+    lines = [f'saved for backward: {sum(seen.values()) / 2**20:.0f} MiB in {len(seen)} storages']
+    for title, counter in (('by module', by_type), ('by parent/module', by_parent)):
+        lines.append(f'  {title}:')
+        lines += [f'    {name:50} {n / 2**20:9.1f} MiB' for name, n in counter.most_common(rows)]
+    return '\n'.join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -41,8 +92,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
-    model = OverLoCK(args.variant, layout=LAYOUT[args.task], contmix_impl=args.impl).to(device)
+    model = OverLoCK(args.variant, layout=LAYOUT[args.task], contmix_impl=args.impl,
+                     memory_efficient=not args.no_memory_efficient).to(device)
     x = torch.randn(args.batch, 3, *MODEL_INPUTS[args.task], device=device)
+    if args.saved:
+        text = saved_census(model, x, args.rows)
+        print(f'{args.variant} {args.task} train {args.impl} batch {args.batch} '
+              f'{MODEL_INPUTS[args.task]} on {device}, memory_efficient='
+              f'{not args.no_memory_efficient}')
+        print(text)
+        return text
     model.train(args.mode == 'train')
 
     def step():
