@@ -4,23 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from autograd_utils import saved_storages
 from overlock_mm.utils.activation_checkpoint import (checkpoint_block, frozen_bn_statistics,
                                                      sequential_with_recompute)
-
-
-def saved_storages(fn, min_bytes=1024):
-    """Run ``fn()``; return its output and the storages of at least ``min_bytes`` (feature maps,
-    not weights or BatchNorm statistics) that autograd kept for backward."""
-    kept = set()
-
-    def pack(t):
-        if t.untyped_storage().nbytes() >= min_bytes:
-            kept.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, kept
 
 
 @pytest.mark.parametrize('momentum', [0.1, None])  # None: cumulative moving average
@@ -69,8 +55,10 @@ def test_sequential_with_recompute_matches_plain_and_keeps_less():
     lean.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 8, 8)
     xp, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_plain, kept_plain = saved_storages(lambda: plain(xp))
-    out_lean, kept_lean = saved_storages(lambda: sequential_with_recompute(lean, xl, [(1, 6)]))
+    # feature maps only (>= 1 KiB here), not weights or BatchNorm statistics
+    out_plain, kept_plain = saved_storages(lambda: plain(xp), min_bytes=1024)
+    out_lean, kept_lean = saved_storages(lambda: sequential_with_recompute(lean, xl, [(1, 6)]),
+                                         min_bytes=1024)
     torch.testing.assert_close(out_lean, out_plain, rtol=0, atol=0)
     # Plain: the inputs of layers 0-6 (7 maps, x included). Recomputing layers 1-5 keeps only
     # x, their input (layer 0's output) and layer 6's input.

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from autograd_utils import saved_storages
 from overlock_mm import OverLoCK
 
 TINY = dict(depths=[1, 1, 1, 1], sub_depths=[1, 2], embed_dims=[16, 32, 64, 96],
@@ -166,15 +167,8 @@ def _training_step(model, x):
     hooks = [conv.register_forward_hook(lambda mod, inp, out: branch_outputs.append(out))
              for drb in model.modules() if isinstance(drb, DilatedReparamBlock)
              for conv in drb.children() if isinstance(conv, torch.nn.Conv2d)]
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outs = model(x)
+    outs, kept = saved_storages(lambda: model(x))
     for h in hooks:
         h.remove()
     sum(o.square().mean() for o in outs).backward()

@@ -15,7 +15,7 @@ but large to keep -- Korthikanti et al., "Reducing Activation Recomputation in L
 Models", 2022, apply the idea to attention).
 """
 import contextlib
-from typing import Any, Iterator, Sequence, Tuple
+from typing import Any, Callable, Iterator, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,12 +45,17 @@ def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def checkpoint_block(block: nn.Module, *args: Any) -> Any:
-    """``block(*args)`` under non-reentrant activation checkpointing (RNG state preserved, so
-    drop-path masks repeat), BatchNorm statistics updated by the first forward only."""
-    return cp.checkpoint(block, *args, use_reentrant=False,
+def _checkpoint(fn: Callable[..., Any], modules: Sequence[nn.Module], *args: Any) -> Any:
+    """``fn(*args)`` under non-reentrant activation checkpointing (RNG state preserved, so
+    drop-path masks repeat); the BatchNorms of ``modules`` are frozen during the recompute."""
+    return cp.checkpoint(fn, *args, use_reentrant=False,
                          context_fn=lambda: (contextlib.nullcontext(),
-                                             frozen_bn_statistics(block)))
+                                             frozen_bn_statistics(*modules)))
+
+
+def checkpoint_block(block: nn.Module, *args: Any) -> Any:
+    """``block(*args)`` checkpointed, BatchNorm statistics updated by the first forward only."""
+    return _checkpoint(block, (block,), *args)
 
 
 def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -63,9 +68,7 @@ def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Ten
             x = layer(x)
         return x
 
-    return cp.checkpoint(run, x, use_reentrant=False,
-                         context_fn=lambda: (contextlib.nullcontext(),
-                                             frozen_bn_statistics(*layers)))
+    return _checkpoint(run, layers, x)
 
 
 def sequential_with_recompute(seq: nn.Sequential, x: torch.Tensor,

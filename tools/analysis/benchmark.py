@@ -840,13 +840,13 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
         for c in train:
             if c['impl'] != 'auto' or not ref:
                 continue
-            o, cp = c['results'], c['with_cp']
+            o, cp, lean = c['results'], c['with_cp'], c.get('memory_efficient', True)
             suffix = '' if cp is False else '_cp' if cp is True else '_cp' + cp_label(cp)[9:]
-            if not c.get('memory_efficient', True):
+            if not lean:
                 suffix += '_keep_all'
             if suffix not in ('', '_cp'):  # other settings: reported, same thresholds
                 label = (f'same, ours with{cp_label(cp)}'
-                         + ('' if c.get('memory_efficient', True) else ' memory_efficient=False'))
+                         + ('' if lean else ' memory_efficient=False'))
                 targets.append(('train_time_ratio' + suffix, label + ': time / reference', 0.5,
                                 '<='))
                 targets.append(('train_mem_ratio' + suffix, label + ': peak memory / reference',
