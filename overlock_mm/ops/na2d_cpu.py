@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from .neighborhood import lean_av_function
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
+# every file the build reads: its bytes are part of the cache key
+SOURCES = (SOURCE, SOURCE.parent / 'thread_pool.h')
 _FLAG_SETS = (
     ['-O3', '-march=native', '-mprefer-vector-width=512'],
     ['-O3', '-march=native'],
@@ -101,7 +103,7 @@ def build(verbose: bool = False) -> ctypes.CDLL:
     cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
     if not cxx:
         raise RuntimeError('no C++ compiler found (set CXX or install g++)')
-    source = SOURCE.read_bytes()
+    source = b'\0'.join(p.read_bytes() for p in SOURCES)
     compiler = _compiler_id(cxx)
     errors = []
     for flags in _FLAG_SETS:

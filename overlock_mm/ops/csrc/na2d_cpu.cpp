@@ -30,17 +30,20 @@
 // (starting at 0 or W - k) and are added separately.
 //
 // Work is split over tasks ((group, rows) for the gradients, groups for the forward) handed out
-// by an atomic counter to std::threads, so a descheduled thread on a shared machine does not
-// stall the others at a barrier.
+// by an atomic counter to persistent worker threads (thread_pool.h), so a descheduled thread on
+// a shared machine does not stall the others at a barrier.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "thread_pool.h"
+
 namespace {
+
+using na2d::parallel_for;
+using na2d::thread_scratch;
 
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
@@ -123,29 +126,6 @@ inline int64_t window_start(int64_t i, int64_t len, int k) {
   if (s > len - k) s = len - k;
   if (s < 0) s = 0;
   return s;
-}
-
-template <typename F>
-void parallel_for(int64_t n, int nthreads, const F& fn) {
-  if (n <= 0) return;
-  int nt = (int)std::min<int64_t>(std::max(nthreads, 1), n);
-  if (nt == 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i, 0);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  auto work = [&](int tid) {
-    for (;;) {
-      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n) break;
-      fn(i, tid);
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(nt - 1);
-  for (int t = 1; t < nt; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
 }
 
 struct Geo {
@@ -653,19 +633,15 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
   const int P = block_width(g);
   const std::vector<Block> blocks = plan_blocks(g, P);
   const int64_t nblocks = (int64_t)blocks.size();
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, g.BG));
-  std::vector<std::vector<T>> packed(nt), vts(nt);
-  for (int t = 0; t < nt; ++t) {
-    packed[t].resize(kPix + T2 * kPix);  // one vector of slack in front (see the repack)
-    vts[t].resize(NV * HW * L);
-  }
-  parallel_for(g.BG, nt, [&](int64_t bg, int tid) {
+  parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
     const T* A = attn + bg * T2 * HW;
     T* O = out + bg * g.D * HW;
-    T* pk = packed[tid].data() + kPix;
-    T* vt = vts[tid].data();
+    // the repacked taps (one vector of slack in front, see the repack; zeroed so that lanes no
+    // pixel uses hold no stale values) and the channels-last value (written in full)
+    T* pk = thread_scratch<T, 0>(kPix + T2 * kPix, true) + kPix;
+    T* vt = thread_scratch<T, 1>(NV * HW * L, false);
     to_channels_last<T>(value + bg * g.D * HW, vt, g);
-    std::vector<int64_t> sj(kPix);
+    int64_t sj[kPix];
     for (int64_t i = 0; i < g.H; ++i) {
       const int64_t s = window_start(i, g.H, k);
       for (int64_t bi = 0; bi < nblocks; ++bi) {
@@ -704,7 +680,7 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const T* pf = pref ? A + pj : nullptr;
           T* pfo = pref ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
-          if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj.data(), k, o, HW, nc, blk.n, spill);
+          if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
             dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
           else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
