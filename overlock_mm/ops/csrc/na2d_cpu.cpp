@@ -299,23 +299,35 @@ struct FwdBlock {
   }
 };
 
-// Any k and map: every pixel reads its own window (SJ: window starts of the block's pixels).
-template <typename T>
+// Any k and map: every pixel reads its own window (SJ: window starts of the block's n pixels).
+// The pixels are the inner loop, so NP independent accumulators are in flight (one chain of
+// k * k dependent FMAs per pixel was latency-bound: 4x slower at classification sizes); NP is
+// the compiled width >= n, and pixels n..NP-1 repeat pixel 0's window with zero taps (the
+// repack zero-fills them) and are not stored.
+template <typename T, int NP>
 void fwd_block_any(const T* pk, const T* vrow, int64_t WL, const int64_t* sj, int k, T* O,
                    int64_t HW, int nc, int n, bool spill) {
   constexpr int L = lanes<T>();
-  Vec<T> acc[kPix];
-  for (int p = 0; p < kPix; ++p) {
-    Vec<T> s{};
-    if (p < n)
-      for (int a = 0; a < k; ++a) {
-        const T* v = vrow + a * WL + sj[p] * L;
-        const T* w = pk + (int64_t)a * k * kPix + p;
-        for (int b = 0; b < k; ++b) s += w[b * kPix] * loadu(v + b * L);
-      }
-    acc[p] = s;
-  }
+  Vec<T> acc[kPix] = {};  // store_block transposes whole vectors of pixels
+  const T* vp[NP];
+#pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p) vp[p] = vrow + (p < n ? sj[p] : sj[0]) * L;
+  for (int a = 0; a < k; ++a)
+    for (int b = 0; b < k; ++b) {
+      const T* w = pk + (int64_t)(a * k + b) * kPix;
+      const int64_t off = a * WL + (int64_t)b * L;
+#pragma GCC unroll 16
+      for (int p = 0; p < NP; ++p) acc[p] += w[p] * loadu(vp[p] + off);
+    }
   store_block<T>(acc, O, HW, nc, n, spill);
+}
+
+template <typename T>
+void fwd_block_any(const T* pk, const T* vrow, int64_t WL, const int64_t* sj, int k, T* O,
+                   int64_t HW, int nc, int n, bool spill) {
+  if (n <= 4) fwd_block_any<T, 4>(pk, vrow, WL, sj, k, O, HW, nc, n, spill);
+  else if (n <= 8) fwd_block_any<T, 8>(pk, vrow, WL, sj, k, O, HW, nc, n, spill);
+  else fwd_block_any<T, kPix>(pk, vrow, WL, sj, k, O, HW, nc, n, spill);
 }
 
 // ---------------------------------------------------------------------------------- grad attn
