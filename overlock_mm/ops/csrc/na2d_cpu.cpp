@@ -505,12 +505,19 @@ void with_chunk(int dc, F&& f) {
   }
 }
 
+// with_chunk plus chunks of kMaxChunkF (one row of accumulators: GvalueBorder).
+template <typename F>
+void with_border_chunk(int dc, F&& f) {
+  if (dc == 16) f(std::integral_constant<int, 16>{});
+  else with_chunk(dc, f);
+}
+
 // Two rows x chunk channels of accumulators live in registers.
 constexpr int kMaxChunk = kMaxChunkF / 2 > 0 ? kMaxChunkF / 2 : 1;
-inline std::vector<std::pair<int64_t, int>> channel_chunks(int64_t D) {
+inline std::vector<std::pair<int64_t, int>> channel_chunks(int64_t D, int max = kMaxChunk) {
   std::vector<std::pair<int64_t, int>> out;
   int64_t d0 = 0;
-  for (int size = kMaxChunk; size >= 1; size /= 2)
+  for (int size = max; size >= 1; size /= 2)
     for (; D - d0 >= size; d0 += size) out.emplace_back(d0, size);
   return out;
 }
@@ -767,6 +774,39 @@ void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int6
   });
 }
 
+// Border columns of grad_value (k <= lanes): the r pixels j0..j0+r-1 of one side share one
+// window, so their tap b lands on source column b of that window for every pixel.  Per row i
+// that uses source row p_u, the k x r block attn[a*k+b][i][j0+jj] is loaded row by row (r
+// contiguous values per tap) and transposed in registers (taps along the lanes), then each
+// pixel's taps times its grad_out, broadcast per channel, accumulate in DC registers.  (A
+// scalar loop here cost more than all interior columns at detection sizes; classification
+// maps -- 14 columns, r = 6 -- are nearly all border.)  ROW -> gvalue[c0][p_u][window start].
+template <typename T, int DC>
+struct GvalueBorder {
+  static void run(const T* A, const T* G, T* row, const unsigned char* valid, int bit,
+                  int64_t ilo, int ni, int64_t p_u, int64_t j0, const Geo& g) {
+    constexpr int L = lanes<T>();
+    const int k = g.k, r = g.r;
+    const int64_t HW = g.HW();
+    Vec<T> acc[DC] = {};
+    for (int ii = 0; ii < ni; ++ii) {
+      if (!(valid[ii] & bit)) continue;
+      const int64_t i = ilo + ii, a = p_u - window_start(i, g.H, k);
+      const T* src = A + a * k * HW + i * g.W + j0;
+      Vec<T> m[L];
+#pragma GCC unroll 16
+      for (int b = 0; b < L; ++b) m[b] = b < k ? loadn(src + b * HW, r) : Vec<T>{};
+      transpose<T>(m);
+      const T* gp = G + i * g.W + j0;
+      for (int jj = 0; jj < r; ++jj)
+#pragma GCC unroll 16
+        for (int c = 0; c < DC; ++c) acc[c] += m[jj] * gp[c * HW + jj];
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < DC; ++c) storen(row + c * HW, loadn(row + c * HW, k) + acc[c], k);
+  }
+};
+
 template <typename T>
 void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue, const Geo& g,
                      int64_t WG, int nthreads) {
@@ -780,11 +820,14 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
   // Per-thread scratch: padded attention rows for the two source rows (zero outside the
   // interior columns, which are never written), row validity, border accumulators.
+  const auto border_chunks = channel_chunks(g.D, kMaxChunkF);
+  const int KV = (k + L - 1) / L;  // vectors holding a window row's k taps (border pixels)
+  const int64_t KL = (int64_t)KV * L;
   std::vector<std::vector<T>> apad(nt), border(nt);
   std::vector<std::vector<unsigned char>> valid(nt);
   for (int t = 0; t < nt; ++t) {
     apad[t].assign(2 * max_rows * k * WG, T(0));
-    border[t].assign(2 * g.D * k + k, T(0));
+    border[t].assign((2 * g.D + 1) * KL, T(0));
     valid[t].assign(max_rows, 0);
   }
   const int64_t nint = g.W - 2 * r;
@@ -830,35 +873,56 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
       }
       if (r == 0) continue;
       // Border pixels: the r pixels on each side share the window starting at 0 (or W - k);
-      // their tap b lands on source column b (or W - k + b).
+      // their tap b lands on source column b (or W - k + b).  Left before right: on maps
+      // narrower than 2k the two ranges overlap.
+      if (k <= L) {
+        for (int u = 0; u < np; ++u)
+          for (int side = 0; side < 2; ++side)
+            for (auto& ch : border_chunks)
+              with_border_chunk(ch.second, [&](auto c) {
+                GvalueBorder<T, decltype(c)::value>::run(
+                    A, G + ch.first * HW, GV + ch.first * HW + (p + u) * g.W + (side ? g.W - k : 0),
+                    vld, 1 << u, ilo, ni, p + u, side ? g.W - r : 0, g);
+              });
+        continue;
+      }
+      // k > lanes (float64 k > 8): vectorised over the taps, accumulators in memory
       for (int u = 0; u < np; ++u) {
-        T* accl = border[tid].data();
-        T* accr = accl + g.D * k;
-        T* at = accr + g.D * k;
-        std::fill(accl, accl + 2 * g.D * k, T(0));
+        T* acc = border[tid].data();  // [side][D][KL]
+        T* at = acc + 2 * g.D * KL;   // the pixel's taps, zero past k
+        std::fill(acc, acc + 2 * g.D * KL, T(0));
         for (int ii = 0; ii < ni; ++ii) {
           if (!(vld[ii] & (1 << u))) continue;
           const int64_t i = ilo + ii, a = p + u - window_start(i, g.H, k);
           for (int side = 0; side < 2; ++side) {
-            T* acc = side ? accr : accl;
+            T* as = acc + side * g.D * KL;
             const int64_t j0 = side ? g.W - r : 0;
             for (int64_t j = j0; j < j0 + r; ++j) {
-              for (int b = 0; b < k; ++b) at[b] = A[(a * k + b) * HW + i * g.W + j];
-              for (int64_t c = 0; c < g.D; ++c) {
-                const T w = G[c * HW + i * g.W + j];
-                T* dst = acc + c * k;
-                for (int b = 0; b < k; ++b) dst[b] += at[b] * w;
+              const T* src = A + a * k * HW + i * g.W + j;
+              for (int b = 0; b < k; ++b) at[b] = src[b * HW];
+              for (int kv = 0; kv < KV; ++kv) {
+                const Vec<T> x = loadu(at + kv * L);
+                for (int64_t c = 0; c < g.D; ++c) {
+                  T* d = as + c * KL + kv * L;
+                  storeu(d, loadu(d) + x * G[c * HW + i * g.W + j]);
+                }
               }
             }
           }
         }
-        for (int64_t c = 0; c < g.D; ++c) {
-          T* row = GV + c * HW + (p + u) * g.W;
-          for (int b = 0; b < k; ++b) {
-            row[b] += accl[c * k + b];
-            row[g.W - k + b] += accr[c * k + b];
+        // left then right: on maps narrower than 2k the two ranges overlap
+        for (int side = 0; side < 2; ++side)
+          for (int64_t c = 0; c < g.D; ++c) {
+            T* row = GV + c * HW + (p + u) * g.W + (side ? g.W - k : 0);
+            const T* as = acc + (side * g.D + c) * KL;
+            for (int kv = 0; kv < KV; ++kv) {
+              const int n = std::min(L, k - kv * L);
+              T* q = row + kv * L;
+              const Vec<T> sum = loadn(q, n) + loadu(as + kv * L);
+              if (n == L) storeu(q, sum);
+              else storen(q, sum, n);
+            }
           }
-        }
       }
     }
   });
