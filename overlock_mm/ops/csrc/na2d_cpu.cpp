@@ -1,8 +1,8 @@
 // Neighbourhood aggregation (ContMix "AV", NATTEN 0.17 clamped windows) for CPUs.
 //
-// Plain C++17 without torch headers (GCC/Clang vector extensions; AVX-512 intrinsics only for masked
-// loads and stores), called through ctypes (see ../na2d_cpu.py for the build, the cache and the
-// autograd wiring).
+// Plain C++17 without torch headers (GCC/Clang vector extensions; AVX-512 intrinsics only for
+// masked loads and stores), called through ctypes (see ../na2d_cpu.py for the build, the cache
+// and the autograd wiring).
 // Layouts (contiguous):
 //
 //   attn  [BG][T = k*k][H][W]     value / out / grad_out  [BG][D][H][W]
@@ -120,7 +120,7 @@ inline Vec<T> in_register(Vec<T> v) {
 // last tile or block of a row.  With AVX-512 these are masked loads / stores; the portable
 // memcpy of a run-time length compiles to a byte copy, which made the partial tiles of the
 // forward's channels-last copy ~4x dearer than full ones (measured: the copy of a 25x42 map,
-// 16 channels, 8.5 -> 4.9 us; the whole stage-4 detection forward ~1.4x faster).
+// 16 channels, 8.5 -> 4.9 us; the stage-4 detection forward 1.14-1.23x faster).
 template <typename T>
 inline Vec<T> loadn(const T* p, int n) {
 #if defined(__AVX512F__)
