@@ -219,17 +219,10 @@ _CpuNeighborhoodAV = lean_av_function('_CpuNeighborhoodAV', forward, grad_attn, 
 
 def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """``na2d_av`` through the C++ kernel (falls back to ``'native'`` where it cannot run)."""
-    from .neighborhood import _compute_dtype, _na2d_av_native
+    from .neighborhood import _compute_dtype, _na2d_av_native, apply_lean
     if value.device.type != 'cpu' or attn.device.type != 'cpu' or load() is None:
         return _na2d_av_native(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
     work = dtype if dtype in _SUFFIX else torch.float32
     a, v = attn.to(work).contiguous(), value.to(work).contiguous()
-    needs_graph = torch.is_grad_enabled() and (a.requires_grad or v.requires_grad)
-    if not needs_graph and not torch.jit.is_tracing():
-        # nothing to record for backward: skip the autograd Function (~50 us a call, a tenth of
-        # a small stage-4 forward).  A trace (FLOP counting) must still see the Function's node.
-        return forward(a, v, kernel_size).to(dtype)
-    with torch.autocast('cpu', enabled=False):
-        out = _CpuNeighborhoodAV.apply(a, v, kernel_size)
-    return out.to(dtype)
+    return apply_lean(_CpuNeighborhoodAV, forward, a, v, kernel_size).to(dtype)

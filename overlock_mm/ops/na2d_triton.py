@@ -412,12 +412,11 @@ def na2d_av_triton(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) ->
         Tensor: ``[B, G, D, H, W]`` in the autocast dtype under autocast, otherwise in the
         promoted dtype of the inputs (as ``'native'``).
     """
-    from .neighborhood import _check_inputs, _compute_dtype, _na2d_av_native
+    from .neighborhood import _check_inputs, _compute_dtype, _na2d_av_native, apply_lean
     _check_inputs(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
     if attn.device != value.device or not can_run(value.device) or dtype not in _PREC:
         return _na2d_av_native(attn, value, kernel_size)
     # Same casting rule as 'native': autocast decides the dtype, the kernels accumulate in fp32.
     a, v = attn.to(dtype).contiguous(), value.to(dtype).contiguous()
-    with torch.autocast(value.device.type, enabled=False):
-        return _TritonNeighborhoodAV.apply(a, v, kernel_size)
+    return apply_lean(_TritonNeighborhoodAV, forward, a, v, kernel_size)
