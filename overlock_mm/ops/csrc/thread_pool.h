@@ -71,15 +71,22 @@ struct Job {
 
 class WorkerPool {
  public:
-  // Runs job on the caller (tid 0) and nt - 1 workers; false (nothing run) if the pool is busy.
+  // Runs job on the caller (tid 0) and job.nt - 1 workers (fewer where no more threads can be
+  // started); false (nothing run) if the pool is busy.
   bool run(Job& job) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     while (nworkers_.load(std::memory_order_relaxed) < job.nt - 1) {
-      const int id = nworkers_.fetch_add(1, std::memory_order_relaxed) + 1;
+      const int id = nworkers_.load(std::memory_order_relaxed) + 1;
       const uint64_t seen = gen_.load(std::memory_order_relaxed);  // it starts with this job
-      std::thread([this, id, seen] { loop(id, seen); }).detach();
+      try {
+        std::thread([this, id, seen] { loop(id, seen); }).detach();
+      } catch (...) {  // no more threads to be had (resource limits): run with fewer
+        break;
+      }
+      nworkers_.store(id, std::memory_order_relaxed);  // published with the job below
     }
+    job.nt = std::min(job.nt, nworkers_.load(std::memory_order_relaxed) + 1);
     acks_.store(0, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(m_);
@@ -126,7 +133,7 @@ class WorkerPool {
   std::atomic<uint64_t> gen_{0};
   std::atomic<int> acks_{0};
   Job* job_ = nullptr;
-  std::atomic<int> nworkers_{0};  // only grows, under busy_
+  std::atomic<int> nworkers_{0};  // workers started; only grows, under busy_
   const pid_t pid_ = getpid();
 };
 
@@ -155,7 +162,13 @@ void parallel_for(int64_t n, int nthreads, const F& fn) {
   if (worker_pool().run(job)) return;
   std::vector<std::thread> threads;  // pool busy: a concurrent call gets threads of its own
   threads.reserve(nt - 1);
-  for (int t = 1; t < nt; ++t) threads.emplace_back([&job, t] { job.work(t); });
+  for (int t = 1; t < nt; ++t) {
+    try {
+      threads.emplace_back([&job, t] { job.work(t); });
+    } catch (...) {  // fewer threads: the caller takes the remaining tasks
+      break;
+    }
+  }
   job.work(0);
   for (auto& th : threads) th.join();
 }
