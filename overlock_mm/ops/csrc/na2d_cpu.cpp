@@ -775,36 +775,41 @@ void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int6
   });
 }
 
-// Border columns of grad_value (k <= lanes): the r pixels j0..j0+r-1 of one side share one
-// window, so their tap b lands on source column b of that window for every pixel.  Per row i
-// that uses source row p_u, the k x r block attn[a*k+b][i][j0+jj] is loaded row by row (r
-// contiguous values per tap) and transposed in registers (taps along the lanes), then each
+// Border columns of grad_value: the r pixels j0..j0+r-1 of one side share one window, so their
+// tap b lands on source column b of that window for every pixel.  Per row i that uses source
+// row p_u, the block attn[a*k+b][i][j] of taps b0..b0+nb-1 and pixels j0..j0+nq-1 (nb, nq <=
+// lanes) is loaded row by row and transposed in registers (taps along the lanes), then each
 // pixel's taps times its grad_out, broadcast per channel, accumulate in DC registers.  (A
 // scalar loop here cost more than all interior columns at detection sizes; classification
-// maps -- 14 columns, r = 6 -- are nearly all border.)  ROW -> gvalue[c0][p_u][window start].
+// maps -- 14 columns, r = 6 -- are nearly all border.)  The caller walks taps and pixels in
+// blocks of `lanes` (one block each unless k > lanes).  ROW -> gvalue[c0][p_u][window start].
 template <typename T, int DC>
 struct GvalueBorder {
   static void run(const T* A, const T* G, T* row, const unsigned char* valid, int bit,
-                  int64_t ilo, int ni, int64_t p_u, int64_t j0, const Geo& g) {
+                  int64_t ilo, int ni, int64_t p_u, int64_t j0, int nq, int b0, int nb,
+                  const Geo& g) {
     constexpr int L = lanes<T>();
-    const int k = g.k, r = g.r;
+    const int k = g.k;
     const int64_t HW = g.HW();
     Vec<T> acc[DC] = {};
     for (int ii = 0; ii < ni; ++ii) {
       if (!(valid[ii] & bit)) continue;
       const int64_t i = ilo + ii, a = p_u - window_start(i, g.H, k);
-      const T* src = A + a * k * HW + i * g.W + j0;
+      const T* src = A + (a * k + b0) * HW + i * g.W + j0;
       Vec<T> m[L];
 #pragma GCC unroll 16
-      for (int b = 0; b < L; ++b) m[b] = b < k ? loadn(src + b * HW, r) : Vec<T>{};
+      for (int b = 0; b < L; ++b) m[b] = b < nb ? loadn(src + b * HW, nq) : Vec<T>{};
       transpose<T>(m);
       const T* gp = G + i * g.W + j0;
-      for (int jj = 0; jj < r; ++jj)
+      for (int jj = 0; jj < nq; ++jj)
 #pragma GCC unroll 16
         for (int c = 0; c < DC; ++c) acc[c] += m[jj] * gp[c * HW + jj];
     }
 #pragma GCC unroll 16
-    for (int c = 0; c < DC; ++c) storen(row + c * HW, loadn(row + c * HW, k) + acc[c], k);
+    for (int c = 0; c < DC; ++c) {
+      T* q = row + c * HW + b0;
+      storen(q, loadn(q, nb) + acc[c], nb);
+    }
   }
 };
 
@@ -820,15 +825,12 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
   const int64_t ntasks = num_tasks(g);
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
   // Per-thread scratch: padded attention rows for the two source rows (zero outside the
-  // interior columns, which are never written), row validity, border accumulators.
+  // interior columns, which are never written), row validity.
   const auto border_chunks = channel_chunks(g.D, kMaxChunkF);
-  const int KV = (k + L - 1) / L;  // vectors holding a window row's k taps (border pixels)
-  const int64_t KL = (int64_t)KV * L;
-  std::vector<std::vector<T>> apad(nt), border(nt);
+  std::vector<std::vector<T>> apad(nt);
   std::vector<std::vector<unsigned char>> valid(nt);
   for (int t = 0; t < nt; ++t) {
     apad[t].assign(2 * max_rows * k * WG, T(0));
-    border[t].assign((2 * g.D + 1) * KL, T(0));
     valid[t].assign(max_rows, 0);
   }
   const int64_t nint = g.W - 2 * r;
@@ -876,55 +878,18 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
       // Border pixels: the r pixels on each side share the window starting at 0 (or W - k);
       // their tap b lands on source column b (or W - k + b).  Left before right: on maps
       // narrower than 2k the two ranges overlap.
-      if (k <= L) {
-        for (int u = 0; u < np; ++u)
-          for (int side = 0; side < 2; ++side)
-            for (auto& ch : border_chunks)
-              with_border_chunk(ch.second, [&](auto c) {
-                GvalueBorder<T, decltype(c)::value>::run(
-                    A, G + ch.first * HW, GV + ch.first * HW + (p + u) * g.W + (side ? g.W - k : 0),
-                    vld, 1 << u, ilo, ni, p + u, side ? g.W - r : 0, g);
-              });
-        continue;
-      }
-      // k > lanes (float64 k > 8): vectorised over the taps, accumulators in memory
-      for (int u = 0; u < np; ++u) {
-        T* acc = border[tid].data();  // [side][D][KL]
-        T* at = acc + 2 * g.D * KL;   // the pixel's taps, zero past k
-        std::fill(acc, acc + 2 * g.D * KL, T(0));
-        for (int ii = 0; ii < ni; ++ii) {
-          if (!(vld[ii] & (1 << u))) continue;
-          const int64_t i = ilo + ii, a = p + u - window_start(i, g.H, k);
-          for (int side = 0; side < 2; ++side) {
-            T* as = acc + side * g.D * KL;
-            const int64_t j0 = side ? g.W - r : 0;
-            for (int64_t j = j0; j < j0 + r; ++j) {
-              const T* src = A + a * k * HW + i * g.W + j;
-              for (int b = 0; b < k; ++b) at[b] = src[b * HW];
-              for (int kv = 0; kv < KV; ++kv) {
-                const Vec<T> x = loadu(at + kv * L);
-                for (int64_t c = 0; c < g.D; ++c) {
-                  T* d = as + c * KL + kv * L;
-                  storeu(d, loadu(d) + x * G[c * HW + i * g.W + j]);
-                }
-              }
-            }
-          }
-        }
-        // left then right: on maps narrower than 2k the two ranges overlap
+      for (int u = 0; u < np; ++u)
         for (int side = 0; side < 2; ++side)
-          for (int64_t c = 0; c < g.D; ++c) {
-            T* row = GV + c * HW + (p + u) * g.W + (side ? g.W - k : 0);
-            const T* as = acc + (side * g.D + c) * KL;
-            for (int kv = 0; kv < KV; ++kv) {
-              const int n = std::min(L, k - kv * L);
-              T* q = row + kv * L;
-              const Vec<T> sum = loadn(q, n) + loadu(as + kv * L);
-              if (n == L) storeu(q, sum);
-              else storen(q, sum, n);
-            }
-          }
-      }
+          for (int q0 = 0; q0 < r; q0 += L)
+            for (int b0 = 0; b0 < k; b0 += L)
+              for (auto& ch : border_chunks)
+                with_border_chunk(ch.second, [&](auto c) {
+                  GvalueBorder<T, decltype(c)::value>::run(
+                      A, G + ch.first * HW,
+                      GV + ch.first * HW + (p + u) * g.W + (side ? g.W - k : 0), vld, 1 << u,
+                      ilo, ni, p + u, (side ? g.W - r : 0) + q0, std::min(L, r - q0), b0,
+                      std::min(L, k - b0), g);
+                });
     }
   });
 }
