@@ -225,4 +225,4 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
     dtype = _compute_dtype(attn, value)
     work = dtype if dtype in _SUFFIX else torch.float32
     a, v = attn.to(work).contiguous(), value.to(work).contiguous()
-    return apply_lean(_CpuNeighborhoodAV, forward, a, v, kernel_size).to(dtype)
+    return apply_lean(_CpuNeighborhoodAV, a, v, kernel_size).to(dtype)

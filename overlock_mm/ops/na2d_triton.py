@@ -419,4 +419,4 @@ def na2d_av_triton(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) ->
         return _na2d_av_native(attn, value, kernel_size)
     # Same casting rule as 'native': autocast decides the dtype, the kernels accumulate in fp32.
     a, v = attn.to(dtype).contiguous(), value.to(dtype).contiguous()
-    return apply_lean(_TritonNeighborhoodAV, forward, a, v, kernel_size)
+    return apply_lean(_TritonNeighborhoodAV, a, v, kernel_size)

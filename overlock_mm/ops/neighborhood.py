@@ -178,7 +178,8 @@ def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
     It saves ``attn`` and ``value`` only and calls ``forward(attn, value, k)``,
     ``grad_attn(grad_out, value, k)`` and ``grad_value(grad_out, attn, k)``. ``name`` becomes the
     class name, which is what traced graphs (FLOP counting) show as ``PythonOp.<name>``; it is
-    added to :data:`AV_FUNCTION_NAMES`.
+    added to :data:`AV_FUNCTION_NAMES`. Run it with :func:`apply_lean`, which calls the raw
+    ``forward`` (kept as ``kernel_forward``) where autograd has nothing to record.
     """
     def fwd(ctx, attn, value, kernel_size):
         ctx.save_for_backward(attn, value)
@@ -198,21 +199,22 @@ def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
         AV_FUNCTION_NAMES.append(name)
     return type(name, (torch.autograd.Function,),
                 dict(forward=staticmethod(fwd), backward=staticmethod(bwd),
+                     kernel_forward=staticmethod(forward),
                      __doc__=f'{name}: saves attn and value only (lean_av_function).'))
 
 
-def apply_lean(function: type, forward: Callable, attn: torch.Tensor, value: torch.Tensor,
+def apply_lean(function: type, attn: torch.Tensor, value: torch.Tensor,
                kernel_size: int) -> torch.Tensor:
     """Run a :func:`lean_av_function` on cast, contiguous inputs.
 
-    Where autograd has nothing to record (no grad mode, or no input requiring grad) the raw
-    ``forward`` is called directly: the ``autograd.Function`` machinery costs ~50 us a call on
-    the CPU, a tenth of a small stage-4 forward. A trace (FLOP counting) still gets the
-    Function's node.
+    Where autograd has nothing to record (no grad mode, or no input requiring grad) its raw
+    forward (``kernel_forward``) is called directly: the ``autograd.Function`` machinery costs
+    ~50 us a call on the CPU, a tenth of a small stage-4 forward. A trace (FLOP counting) still
+    gets the Function's node.
     """
     needs_graph = torch.is_grad_enabled() and (attn.requires_grad or value.requires_grad)
     if not needs_graph and not torch.jit.is_tracing():
-        return forward(attn, value, kernel_size)
+        return function.kernel_forward(attn, value, kernel_size)
     # autocast already decided the dtype; inside, everything runs in it
     with torch.autocast(value.device.type, enabled=False):
         return function.apply(attn, value, kernel_size)
