@@ -824,9 +824,9 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
   const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t ntasks = num_tasks(g);
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
+  const auto border_chunks = channel_chunks(g.D, kMaxChunkF);  // GvalueBorder: one row of acc.
   // Per-thread scratch: padded attention rows for the two source rows (zero outside the
   // interior columns, which are never written), row validity.
-  const auto border_chunks = channel_chunks(g.D, kMaxChunkF);
   std::vector<std::vector<T>> apad(nt);
   std::vector<std::vector<unsigned char>> valid(nt);
   for (int t = 0; t < nt; ++t) {
