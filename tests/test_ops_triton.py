@@ -254,6 +254,33 @@ def test_band_window_holds_every_tap(k):
             assert 2 * j + k - 1 > q
 
 
+def test_alignment_rule():
+    """The forward's vector width: the largest of 4 / 2 / 1 floats dividing the row length and
+    every address, whose rounded-down window start still fits the band's power-of-two window."""
+    x = torch.zeros(64)
+    assert nt.alignment(13, 8, 84, x) == 4  # 8 + 12 + 3 = 23 columns fit 32
+    assert nt.alignment(5, 8, 84, x) == 4  # 15 fit 16
+    assert nt.alignment(7, 8, 84, x) == 2  # 8 + 6 + 3 = 17 would need 32 columns; 15 fit 16
+    assert nt.alignment(13, 8, 42, x) == 2  # rows of 42 start on even elements only
+    assert nt.alignment(13, 8, 45, x) == 1
+    assert nt.alignment(13, 8, 84, x, x[1:]) == 1  # one tensor starts one float off
+    assert nt.alignment(13, 8, 84, x[2:]) == 2
+    assert nt.alignment(13, 8, 84, x.half()[2:]) == 2  # alignment counts elements, not bytes
+
+
+@pytest.mark.parametrize('offset', [1, 2])
+def test_forward_on_misaligned_tensors(interpreter, offset):
+    """Tensors starting 1 or 2 floats past an aligned address (views into a larger buffer) take
+    narrower vectors and the same result; W = 40 would otherwise use 4."""
+    k, B, G, D, H, W = 5, 1, 2, 8, 6, 40
+    attn, value, _ = _inputs(B, G, D, H, W, k, seed=3)
+    ref = na2d_av_reference(attn.double(), value.double(), k)
+    a = torch.cat([torch.zeros(offset), attn.flatten()])[offset:].view_as(attn)
+    v = torch.cat([torch.zeros(offset), value.flatten()])[offset:].view_as(value)
+    assert a.is_contiguous() and nt.alignment(k, 8, W, a, v) == (1 if offset == 1 else 2)
+    assert _max_err(nt.forward(a, v, k), ref) < TOL
+
+
 def test_float64_goes_to_native(interpreter):
     """tl.dot has no float64 path: float64 inputs take 'native' and never reach a kernel."""
     attn, value, _ = _inputs(1, 2, 4, 5, 6, 3)

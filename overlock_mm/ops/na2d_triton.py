@@ -13,12 +13,18 @@ Three kernels on the package layout (contiguous; ``BG = B * G``, ``T = k * k``):
                                                  A[q, j] = attn[a*k + (c0 + q - sj(j)), i, j]
                                                            if 0 <= c0 + q - sj(j) < k, else 0
 
-a ``[BLOCK_D, BLOCK_Q] x [BLOCK_Q, BLOCK_J]`` matrix product (``tl.dot``). A is loaded straight
-into band form (masked loads: the zeros cost no memory traffic), and the product's register
-tiling makes each loaded value feed many multiply-adds, which a tap-by-tap kernel cannot (one L1
-load per multiply-add: this file's earlier kernels, 1.0-4.4x slower on an H100, see
+a ``[BLOCK_D, BLOCK_Q] x [BLOCK_Q, BLOCK_J]`` matrix product (``tl.dot``). The product's
+register tiling makes each loaded value feed many multiply-adds, which a tap-by-tap kernel cannot
+(one L1 load per multiply-add: this file's earlier kernels, 1.0-4.4x slower on an H100, see
 docs/performance.md). The price is ``BLOCK_Q / k`` multiply-adds per useful one (2.5 at k = 13),
 on tensor cores that have them to spare.
+
+The forward loads A in the attention's own layout -- ``[k taps, BLOCK_J columns]``, one run of
+consecutive columns per tap -- and builds the band in registers (``tl.gather`` along the taps):
+loading the band directly walks its diagonals, one scattered 4-byte access per element. Where
+the row length and the addresses allow (:func:`alignment`), the value window starts on a multiple
+of 4 (or 2) columns, so both loads are 16- (8-) byte vectors. On an H200 that made the forward
+1.1-1.4x faster (docs/performance.md); the two backward kernels still load their bands directly.
 
 * forward: a program owns one output row, ``BLOCK_J`` columns and up to ``BLOCK_D`` channels and
   accumulates ``k`` band products, one per tap row;
@@ -100,10 +106,13 @@ from .neighborhood import lean_av_function
 #: H100 (triton 3.6, torch 2.11; OverLoCK-T/S/XT detection and segmentation maps, batch 1 and 8;
 #: docs/performance.md): one warp per program beat two to eight nearly everywhere, and grad_value
 #: without software pipelining (``num_stages=1``) was 1.3-2.2x faster than with Triton's default
-#: of 3. ``OVERLOCK_TRITON_TILES=/path/tiles.json`` overrides them (same structure, any subset),
-#: e.g. with the choice ``tools/analysis/tune_triton.py`` measured on another GPU.
+#: of 3. The forward's tiles are from a second comparison on an NVIDIA H200 (triton 3.6), after its
+#: attention loads became coalesced: 8 columns beat 16 by 1.1-1.4x and 32 by 2-4x at every map
+#: measured (k = 5, 7, 13), and won ``tune_triton.py`` against nine others.
+#: ``OVERLOCK_TRITON_TILES=/path/tiles.json`` overrides them (same structure, any subset), e.g.
+#: with the choice ``tools/analysis/tune_triton.py`` measured on another GPU.
 TILES: Dict[str, Dict[str, int]] = {
-    'forward': dict(BLOCK_J=16, BLOCK_D=16, num_warps=1, num_stages=3),
+    'forward': dict(BLOCK_J=8, BLOCK_D=16, num_warps=1, num_stages=3),
     'grad_attn': dict(BLOCK_J=16, num_warps=1, num_stages=3),
     'grad_value': dict(BLOCK_Q=8, BLOCK_D=16, num_warps=1, num_stages=1),
 }
@@ -134,10 +143,13 @@ MIN_DOT_K = 16
 # plane stay int32. Loaded tiles are widened to float32 before the product (see _PREC).
 # --------------------------------------------------------------------------------------------
 
-def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_jb, K: tl.constexpr,
+def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, WA, n_jb, K: tl.constexpr, KP: tl.constexpr,
               BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, ALIGN: tl.constexpr):
     R: tl.constexpr = K // 2
+    # W arrives divided by ALIGN (1, 2 or 4): multiplied back here, the compiler knows every row
+    # start is a multiple of ALIGN elements and emits vector loads of ALIGN floats (module docs).
+    W = WA * ALIGN
     HW = H * W
     pid = tl.program_id(0)
     bg = (pid // (H * n_jb)).to(tl.int64)
@@ -147,18 +159,26 @@ def _fwd_body(attn_ptr, value_ptr, out_ptr, D, H, W, n_jb, K: tl.constexpr,
     jm = j < W
     si = tl.minimum(tl.maximum(i - R, 0), H - K)  # clamped window start (NATTEN 0.17)
     sj = tl.minimum(tl.maximum(j - R, 0), W - K)
-    c0 = tl.minimum(tl.maximum(j0 - R, 0), W - K)  # the band's first value column
+    # the band's first value column, rounded down to a multiple of ALIGN (the launcher sized
+    # BLOCK_Q for the extra ALIGN - 1 columns)
+    c0 = tl.minimum(tl.maximum(j0 - R, 0), W - K) // ALIGN * ALIGN
     cols = c0 + tl.arange(0, BLOCK_Q)
     b = cols[:, None] - sj[None, :]  # [BLOCK_Q, BLOCK_J]: tap column, valid in [0, K)
     am = (b >= 0) & (b < K) & jm[None, :]
+    tap = tl.minimum(tl.maximum(b, 0), KP - 1)  # where band entry (q, j) sits in the row's taps
+    t = tl.arange(0, KP)
+    # one tap row's attention in its own layout: [KP taps, BLOCK_J columns], each tap a run of
+    # consecutive columns (coalesced, vectorised); rows t >= K are padding
+    n_ptrs = attn_ptr + bg * (K * K) * HW + t[:, None] * HW + (i * W + j)[None, :]
+    nm = (t < K)[:, None] & jm[None, :]
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     vm = dm[:, None] & (cols < W)[None, :]
-    a_ptrs = attn_ptr + bg * (K * K) * HW + b * HW + (i * W + j)[None, :]
     v_ptrs = value_ptr + bg * D * HW + d[:, None] * HW + si * W + cols[None, :]
     acc = tl.full([BLOCK_D, BLOCK_J], 0.0, dtype=tl.float32)
     for a in range(K):
-        band = tl.load(a_ptrs + a * K * HW, mask=am, other=0.0).to(tl.float32)
+        taps = tl.load(n_ptrs + a * K * HW, mask=nm, other=0.0).to(tl.float32)
+        band = tl.where(am, tl.gather(taps, tap, 0), 0.0)  # [BLOCK_Q, BLOCK_J], in registers
         v = tl.load(v_ptrs + a * W, mask=vm, other=0.0).to(tl.float32)
         acc = tl.dot(v, band, acc, input_precision=PREC)
     o_ptrs = out_ptr + bg * D * HW + d[:, None] * HW + (i * W + j)[None, :]
@@ -322,24 +342,42 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 def band(k: int, max_j: int) -> Tuple[int, int]:
-    """``(BLOCK_J, BLOCK_Q)`` of the forward at kernel size ``k``.
+    """``(BLOCK_J, BLOCK_Q)`` of the forward at kernel size ``k``, before alignment.
 
     ``BLOCK_J`` output columns read a window of ``BLOCK_Q = next_pow2(BLOCK_J + k - 1)`` value
     columns, ``k`` of them per output. The forward takes the largest ``BLOCK_J <= max_j`` whose
-    window fits ``next_pow2(2k)`` columns: 8 at k = 5 and 7 (16-column windows), 16 at k = 13
-    (32) -- the fastest choices measured on an H100 (8 columns 1.3-1.7x faster than 16 at k = 5
-    and 7, 16 1.0-1.2x faster than 8 at k = 13; docs/performance.md). Windows are at least
-    ``MIN_DOT_K`` columns.
+    window fits ``next_pow2(2k)`` columns (with the default ``max_j = 8`` that caps nothing below
+    k = 25). Windows are at least ``MIN_DOT_K`` columns. :func:`alignment` may then widen the
+    window by up to 3 columns, never past the next power of two.
     """
     window = max(MIN_DOT_K, triton.next_power_of_2(2 * k))
     j = min(max_j, 1 << ((window - k + 1).bit_length() - 1))
     return j, max(MIN_DOT_K, triton.next_power_of_2(j + k - 1))
 
 
+def alignment(k: int, block_j: int, width: int, *tensors: torch.Tensor) -> int:
+    """The forward's vector width ``ALIGN``: 4, 2 or 1 floats.
+
+    The largest of them that divides ``width`` (so every row of every plane starts on a
+    multiple of it), divides every tensor's address in elements, and still fits the band window
+    after rounding its first column down to a multiple of it:
+    ``next_pow2(block_j + k - 1 + ALIGN - 1)`` must not exceed ``next_pow2(block_j + k - 1)``.
+    (Doubling the window for wider vectors was not measured as such; wider windows were slower
+    wherever measured, e.g. 1.4x at k = 7 on an H200: 16 columns in 32 against 8 in 16.)
+    """
+    window = max(MIN_DOT_K, triton.next_power_of_2(block_j + k - 1))
+    for align in (4, 2):
+        if (width % align == 0 and block_j + k - 1 + align - 1 <= window
+                and all(t.data_ptr() % (align * t.element_size()) == 0 for t in tensors)):
+            return align
+    return 1
+
+
 def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor, k: int) -> None:
     # plain ints: under torch.jit.trace (FLOP counting) sizes are traced 0-d tensors, which
     # Triton's launcher would take for pointers
     b, g, d, h, w = (int(n) for n in value_like.shape)
+    width = w
     tile = tiles(name)
     options = dict(num_warps=tile.pop('num_warps'), num_stages=tile.pop('num_stages'))
     if name == 'grad_attn':  # one tap row per program (second axis), all channels at once
@@ -349,7 +387,10 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
     else:  # D rounded up to a power of two (masked), at most BLOCK_D per program
         if name == 'forward':
             tile['BLOCK_J'], tile['BLOCK_Q'] = band(k, tile['BLOCK_J'])
+            tile['KP'] = triton.next_power_of_2(k)
+            tile['ALIGN'] = alignment(k, tile['BLOCK_J'], w, *args)
             n_cols = triton.cdiv(w, tile['BLOCK_J'])
+            width = w // tile['ALIGN']  # the kernel multiplies it back (see _fwd_body)
         else:  # grad_value: output columns in chunks; one covers an interior tile's range
             tile['BLOCK_J'] = max(MIN_DOT_K, triton.next_power_of_2(tile['BLOCK_Q'] + k - 1))
             n_cols = triton.cdiv(w, tile['BLOCK_Q'])
@@ -361,7 +402,7 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
     device = value_like.device
     ctx = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
     with ctx:
-        kernel[(b * g * h * n_cols, second)](*args, d, h, w, n_cols, K=k,
+        kernel[(b * g * h * n_cols, second)](*args, d, h, width, n_cols, K=k,
                                              PREC=_PREC[value_like.dtype], **options, **tile)
 
 

@@ -35,12 +35,13 @@ TOL = 1e-4
 _KEYS = {'forward': ('BLOCK_J', 'BLOCK_D', 'num_warps', 'num_stages'),
          'grad_attn': ('BLOCK_J', 'num_warps', 'num_stages'),
          'grad_value': ('BLOCK_Q', 'BLOCK_D', 'num_warps', 'num_stages')}
-#: candidate tiles: around the shipped ones (first), which won on an H100 -- one or two warps
-#: (larger programs were slower everywhere measured), column tiles of 4 to 32, with and without
-#: software pipelining; ``BLOCK_D`` 8 splits 16 channels over two programs.
+#: candidate tiles: around the shipped ones (first), which won on an H100 (the forward's on an
+#: H200) -- one or two warps (larger programs were slower everywhere measured), column tiles of
+#: 4 to 32, with and without software pipelining; ``BLOCK_D`` 8 splits 16 channels over two
+#: programs.
 _CANDIDATES = {
-    'forward': [(16, 16, 1, 3), (8, 16, 1, 3), (32, 16, 1, 3), (16, 16, 2, 3), (8, 16, 2, 3),
-                (16, 16, 1, 1), (8, 16, 1, 1), (16, 8, 1, 3), (16, 16, 4, 3), (4, 16, 1, 3)],
+    'forward': [(8, 16, 1, 3), (4, 16, 1, 3), (16, 16, 1, 3), (8, 16, 2, 3), (8, 16, 1, 2),
+                (8, 16, 1, 4), (8, 16, 1, 1), (8, 8, 1, 3), (4, 8, 1, 3), (32, 16, 1, 3)],
     'grad_attn': [(16, 1, 3), (8, 1, 3), (32, 1, 3), (16, 2, 3), (8, 2, 3), (32, 2, 3),
                   (16, 4, 3), (4, 1, 3)],
     'grad_value': [(8, 16, 1, 1), (8, 16, 1, 3), (16, 16, 1, 1), (16, 16, 2, 1), (8, 16, 2, 1),
