@@ -107,8 +107,8 @@ from .neighborhood import lean_av_function
 #: docs/performance.md): one warp per program beat two to eight nearly everywhere, and grad_value
 #: without software pipelining (``num_stages=1``) was 1.3-2.2x faster than with Triton's default
 #: of 3. The forward's tiles are from a second comparison on an NVIDIA H200 (triton 3.6), after its
-#: attention loads became coalesced: 8 columns beat 16 by 1.1-1.4x and 32 by 2-4x at every map
-#: measured (k = 5, 7, 13), and won ``tune_triton.py`` against nine others.
+#: attention loads became coalesced: 8 columns beat 16 by 1.1-1.5x and 32 by 2.0-4.4x at every
+#: map measured (k = 5, 7, 13), and won ``tune_triton.py`` against nine other tiles.
 #: ``OVERLOCK_TRITON_TILES=/path/tiles.json`` overrides them (same structure, any subset), e.g.
 #: with the choice ``tools/analysis/tune_triton.py`` measured on another GPU.
 TILES: Dict[str, Dict[str, int]] = {
