@@ -8,7 +8,9 @@
 #    through OVERLOCK_TRITON_TILES (TUNE=0 skips this and keeps the package's tiles);
 # 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection);
 # 4. profile_step.py: where an OverLoCK-T detection training step spends its GPU time;
-# 5. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more).
+# 5. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more);
+# 6. where Nsight Compute (ncu) is installed, its view of one forward launch at OverLoCK-T's
+#    stage-3 detection map (throughputs, occupancy, stalls: what limits the kernel).
 # Each step has a time limit; BUDGET_S (default 600) bounds the whole run. JSON, tiles and logs go
 # to OUT_DIR.
 set -u
@@ -55,4 +57,12 @@ step models 100 $PY tools/analysis/benchmark.py --models --model-warmup 2 --mode
 step profile 60 $PY tools/analysis/profile_step.py --variant t --task det --rows 25
 step ops_b8 90 $PY tools/analysis/benchmark.py --ops --impls triton reference --tasks det \
     --dense-batch 8 --min-time 0.1 --no-reexec --json "$OUT/bench_ops_b8.json"
+if command -v ncu > /dev/null; then
+    step ncu_forward 60 ncu --kernel-name regex:_fwd_body --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section LaunchStats --section MemoryWorkloadAnalysis \
+        $PY -c "import torch; from overlock_mm.ops import na2d_triton as nt
+a = torch.rand(1, 8, 169, 50, 84, device='cuda'); v = torch.randn(1, 8, 16, 50, 84, device='cuda')
+[nt.forward(a, v, 13) for _ in range(3)]; torch.cuda.synchronize()"
+fi
 echo "== done at ${SECONDS}s"
