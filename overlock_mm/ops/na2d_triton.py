@@ -7,7 +7,8 @@ Three kernels on the package layout (contiguous; ``BG = B * G``, ``T = k * k``):
 **The taps of one row are a band matrix.** For output row ``i``, tap row ``a`` and a run of
 ``BLOCK_J`` output columns ``j`` whose windows start at ``sj(j)`` (clamped, never padded), the
 ``k`` taps ``b`` read value columns ``sj(j) + b``. All of them lie in one window of
-``BLOCK_Q >= BLOCK_J + k - 1`` columns starting at ``c0 = sj(first j)``, so::
+``BLOCK_Q >= BLOCK_J + k - 1`` columns starting at ``c0 = sj(first j)`` (the forward may start
+it up to 3 columns earlier, see below), so::
 
     out[d, i, j] += sum_q V[d, q] * A[q, j]      V[d, q] = value[d, si(i) + a, c0 + q]
                                                  A[q, j] = attn[a*k + (c0 + q - sj(j)), i, j]
@@ -56,11 +57,12 @@ bits fit), and accumulated in float32; outputs have the input dtype. float64 is 
 (``tl.dot`` in float64 did not compile with triton 3.6 on an H100): :func:`na2d_av_triton` sends
 it to ``'native'``.
 
-Input sizes vary (detection batches): only ``k``, the dtype and the tiles are compile-time
-constants; ``D``, ``H``, ``W`` and the tile counts are runtime arguments, so a new map size does
-not compile a new kernel -- apart from Triton's own specialisation of integer arguments (equal
-to 1, divisible by 16), which bounds the variants per kernel and ``k`` to a handful, each compiled
-once and kept in Triton's on-disk cache.
+Input sizes vary (detection batches): only ``k``, the dtype, the tiles and the forward's vector
+width (1, 2 or 4 floats, from the row length) are compile-time constants; ``D``, ``H``, ``W`` and
+the tile counts are runtime arguments, so a new map size does not compile a new kernel -- apart
+from those three widths and Triton's own specialisation of integer arguments (equal to 1,
+divisible by 16), which bound the variants per kernel and ``k`` to a handful, each compiled once
+and kept in Triton's on-disk cache.
 
 State kept for backward: ``attn`` and ``value`` only (``O(B*G*H*W*(k*k + D))``), like ``'native'``.
 Inputs must be contiguous: the wrapper makes them so and the raw launchers raise otherwise.
