@@ -258,14 +258,18 @@ def test_alignment_rule():
     """The forward's vector width: the largest of 4 / 2 / 1 floats dividing the row length and
     every address, whose rounded-down window start still fits the band's power-of-two window."""
     x = torch.zeros(64)
-    assert nt.alignment(13, 8, 84, x) == 4  # 8 + 12 + 3 = 23 columns fit 32
-    assert nt.alignment(5, 8, 84, x) == 4  # 15 fit 16
-    assert nt.alignment(7, 8, 84, x) == 2  # 8 + 6 + 3 = 17 would need 32 columns; 15 fit 16
-    assert nt.alignment(13, 8, 42, x) == 2  # rows of 42 start on even elements only
-    assert nt.alignment(13, 8, 45, x) == 1
-    assert nt.alignment(13, 8, 84, x, x[1:]) == 1  # one tensor starts one float off
-    assert nt.alignment(13, 8, 84, x[2:]) == 2
-    assert nt.alignment(13, 8, 84, x.half()[2:]) == 2  # alignment counts elements, not bytes
+
+    def align(k, width, *tensors):  # at the forward's default 8 columns and band() window
+        return nt.alignment(k, *nt.band(k, 8), width, *tensors)
+
+    assert align(13, 84, x) == 4  # 8 + 12 + 3 = 23 columns fit 32
+    assert align(5, 84, x) == 4  # 15 fit 16
+    assert align(7, 84, x) == 2  # 8 + 6 + 3 = 17 would need 32 columns; 15 fit 16
+    assert align(13, 42, x) == 2  # rows of 42 start on even elements only
+    assert align(13, 45, x) == 1
+    assert align(13, 84, x, x[1:]) == 1  # one tensor starts one float off
+    assert align(13, 84, x[2:]) == 2
+    assert align(13, 84, x.half()[2:]) == 2  # alignment counts elements, not bytes
 
 
 @pytest.mark.parametrize('offset', [1, 2])
@@ -277,7 +281,8 @@ def test_forward_on_misaligned_tensors(interpreter, offset):
     ref = na2d_av_reference(attn.double(), value.double(), k)
     a = torch.cat([torch.zeros(offset), attn.flatten()])[offset:].view_as(attn)
     v = torch.cat([torch.zeros(offset), value.flatten()])[offset:].view_as(value)
-    assert a.is_contiguous() and nt.alignment(k, 8, W, a, v) == (1 if offset == 1 else 2)
+    assert a.is_contiguous()
+    assert nt.alignment(k, *nt.band(k, 8), W, a, v) == (1 if offset == 1 else 2)
     assert _max_err(nt.forward(a, v, k), ref) < TOL
 
 

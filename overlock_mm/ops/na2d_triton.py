@@ -357,19 +357,18 @@ def band(k: int, max_j: int) -> Tuple[int, int]:
     return j, max(MIN_DOT_K, triton.next_power_of_2(j + k - 1))
 
 
-def alignment(k: int, block_j: int, width: int, *tensors: torch.Tensor) -> int:
+def alignment(k: int, block_j: int, block_q: int, width: int, *tensors: torch.Tensor) -> int:
     """The forward's vector width ``ALIGN``: 4, 2 or 1 floats.
 
     The largest of them that divides ``width`` (so every row of every plane starts on a
     multiple of it), divides every tensor's address in elements, and still fits the band window
-    after rounding its first column down to a multiple of it:
-    ``next_pow2(block_j + k - 1 + ALIGN - 1)`` must not exceed ``next_pow2(block_j + k - 1)``.
-    (Doubling the window for wider vectors was not measured as such; wider windows were slower
-    wherever measured, e.g. 1.4x at k = 7 on an H200: 16 columns in 32 against 8 in 16.)
+    ``block_q`` chosen by :func:`band` after rounding its first column down to a multiple of it:
+    ``block_j + k - 1 + ALIGN - 1 <= block_q``. (Doubling the window for wider vectors was not
+    measured as such; wider windows were slower wherever measured, e.g. 1.4x at k = 7 on an
+    H200: 16 columns in 32 against 8 in 16.)
     """
-    window = max(MIN_DOT_K, triton.next_power_of_2(block_j + k - 1))
     for align in (4, 2):
-        if (width % align == 0 and block_j + k - 1 + align - 1 <= window
+        if (width % align == 0 and block_j + k - 1 + align - 1 <= block_q
                 and all(t.data_ptr() % (align * t.element_size()) == 0 for t in tensors)):
             return align
     return 1
@@ -390,7 +389,7 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
         if name == 'forward':
             tile['BLOCK_J'], tile['BLOCK_Q'] = band(k, tile['BLOCK_J'])
             tile['KP'] = triton.next_power_of_2(k)
-            tile['ALIGN'] = alignment(k, tile['BLOCK_J'], w, *args)
+            tile['ALIGN'] = alignment(k, tile['BLOCK_J'], tile['BLOCK_Q'], w, *args)
             n_cols = triton.cdiv(w, tile['BLOCK_J'])
             width = w // tile['ALIGN']  # the kernel multiplies it back (see _fwd_body)
         else:  # grad_value: output columns in chunks; one covers an interior tile's range
