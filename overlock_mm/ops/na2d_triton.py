@@ -378,7 +378,6 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
     # plain ints: under torch.jit.trace (FLOP counting) sizes are traced 0-d tensors, which
     # Triton's launcher would take for pointers
     b, g, d, h, w = (int(n) for n in value_like.shape)
-    width = w
     tile = tiles(name)
     options = dict(num_warps=tile.pop('num_warps'), num_stages=tile.pop('num_stages'))
     if name == 'grad_attn':  # one tap row per program (second axis), all channels at once
@@ -391,7 +390,6 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
             tile['KP'] = triton.next_power_of_2(k)
             tile['ALIGN'] = alignment(k, tile['BLOCK_J'], tile['BLOCK_Q'], w, *args)
             n_cols = triton.cdiv(w, tile['BLOCK_J'])
-            width = w // tile['ALIGN']  # the kernel multiplies it back (see _fwd_body)
         else:  # grad_value: output columns in chunks; one covers an interior tile's range
             tile['BLOCK_J'] = max(MIN_DOT_K, triton.next_power_of_2(tile['BLOCK_Q'] + k - 1))
             n_cols = triton.cdiv(w, tile['BLOCK_Q'])
@@ -402,6 +400,8 @@ def _launch(name: str, args: Tuple[torch.Tensor, ...], value_like: torch.Tensor,
     # Triton launches on the current CUDA device; make it the tensors' one.
     device = value_like.device
     ctx = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+    # the forward gets W // ALIGN and multiplies it back (see _fwd_body)
+    width = w // tile.get('ALIGN', 1)
     with ctx:
         kernel[(b * g * h * n_cols, second)](*args, d, h, width, n_cols, K=k,
                                              PREC=_PREC[value_like.dtype], **options, **tile)
