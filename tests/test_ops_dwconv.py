@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock_mm.layers.conv import DWConv2d
-from overlock_mm.ops.dwconv import depthwise_conv2d
+from overlock_mm.ops.dwconv import contiguous_for_dwconv, depthwise_conv2d, torch_depthwise
 
 CASES = [  # (N, C, H, W, k, dilation, padding)
     (1, 8, 12, 14, 5, 1, 2),
@@ -63,3 +63,27 @@ def test_module_keeps_conv2d_state_dict():
     assert list(ours.state_dict()) == ['weight', 'bias']
     x = torch.randn(2, 4, 9, 9)
     torch.testing.assert_close(ours(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_contiguous_for_dwconv_leaves_cpu_tensors_alone():
+    # on CPU the layout is the CPU path's choice per kernel: no copy here
+    x = torch.randn(1, 4, 6, 6).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    assert contiguous_for_dwconv(x) is x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('k,d,p', [(13, 1, 6), (7, 2, 6), (3, 1, 1)])
+def test_cuda_channels_last_input(k, d, p):
+    """A channels-last-strided input (what LayerNorm2d returns) runs on a contiguous copy, with
+    F.conv2d's results; under torch_depthwise() the input is used as given."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 8, 30, 41, generator=g, dtype=torch.float64)
+    wt = torch.randn(8, 1, k, k, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, wt, None, 1, p, d, 8)
+    xc = x.float().cuda().contiguous(memory_format=torch.channels_last)
+    assert not xc.is_contiguous() and contiguous_for_dwconv(xc).is_contiguous()
+    with torch_depthwise():
+        assert contiguous_for_dwconv(xc) is xc
+    out = depthwise_conv2d(xc, wt.float().cuda(), None, 1, p, d)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dwconv import contiguous_for_dwconv
 from .conv import DWConv2d
 
 #: kernel size -> ((small kernel, dilation), ...) of the parallel dilated branches.
@@ -105,6 +106,7 @@ class DilatedReparamBlock(nn.Module):
         return sorted(DILATED_BRANCHES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = contiguous_for_dwconv(x)  # once for every branch (CUDA, see ops/dwconv.py)
         if self.deploy:
             return self.lk_origin(x)
         out = self.origin_bn(self.lk_origin(x))

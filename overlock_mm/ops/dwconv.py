@@ -18,10 +18,16 @@ has three slow spots (measured side by side, per case, by ``tools/analysis/bench
 3. *The input gradient of dilated kernels* (oneDNN's backward-data) is slow as well; it is
    computed as a forward convolution with the flipped kernel, through the same layout choice.
 
-Plain 3x3 kernels keep PyTorch's own backward (faster there). Everything else -- CUDA (cuDNN is
-fine), autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is plain
-``F.conv2d``. Outputs and gradients equal ``F.conv2d``'s up to float32 summation order
-(tests/test_ops_dwconv.py).
+Plain 3x3 kernels keep PyTorch's own backward (faster there). Everything else -- autocast, other
+dtypes, strides, grouped-but-not-depthwise convolutions -- is plain ``F.conv2d``. Outputs and
+gradients equal ``F.conv2d``'s up to float32 summation order (tests/test_ops_dwconv.py).
+
+On CUDA the convolution is cuDNN's, whose depthwise kernels are fast on NCHW-contiguous inputs
+but several times slower on channels-last-strided ones -- and that is what ``LayerNorm2d``
+(a permuted ``F.layer_norm``) and every layer after it hand over. Such an input is made
+contiguous first (:func:`contiguous_for_dwconv`; one copy, a few microseconds of GPU time per
+map); ``DilatedReparamBlock`` does it once for all of its branches. Measured on an H200 in
+docs/performance.md.
 """
 import contextlib
 from typing import Iterator, Optional, Tuple
@@ -29,24 +35,33 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['depthwise_conv2d', 'torch_depthwise']
+__all__ = ['contiguous_for_dwconv', 'depthwise_conv2d', 'torch_depthwise']
 
 #: oneDNN's NCHW depthwise forward leaves its fast path once the kernel's extent reaches 15
 #: (measured: k=13 15 ms, k=15 201 ms at [1, 64, 128, 208]); channels-last stays fast there.
 CHANNELS_LAST_MIN_EXTENT = 15
-_fast_cpu_path = True
+_fast_paths = True
 
 
 @contextlib.contextmanager
 def torch_depthwise() -> Iterator[None]:
-    """Within the block, every :func:`depthwise_conv2d` is plain ``F.conv2d`` (for benchmarks:
-    what the faster CPU path saves, side by side in one run)."""
-    global _fast_cpu_path
-    previous, _fast_cpu_path = _fast_cpu_path, False
+    """Within the block, every :func:`depthwise_conv2d` is plain ``F.conv2d`` on its input as
+    given (for benchmarks: what the CPU path and the CUDA layout choice save, side by side in one
+    run)."""
+    global _fast_paths
+    previous, _fast_paths = _fast_paths, False
     try:
         yield
     finally:
-        _fast_cpu_path = previous
+        _fast_paths = previous
+
+
+def contiguous_for_dwconv(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout cuDNN's depthwise convolutions run fastest on: NCHW-contiguous on CUDA
+    (module docstring); anywhere else ``x`` itself (the CPU path picks its layout per kernel)."""
+    if _fast_paths and x.is_cuda and not x.is_contiguous():
+        return x.contiguous()
+    return x
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -130,11 +145,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for ``weight [C, 1, kh, kw]``.
 
     Takes the faster CPU path (module docstring) for float32 CPU tensors at stride 1 outside
-    autocast, except plain 3x3 kernels; every other case is ``F.conv2d``.
+    autocast, except plain 3x3 kernels; on CUDA ``F.conv2d`` on a contiguous input
+    (:func:`contiguous_for_dwconv`); every other case is ``F.conv2d``.
     """
     c = weight.shape[0]
+    x = contiguous_for_dwconv(x)
     plain_3x3 = max(weight.shape[-2:]) <= 3 and _pair(dilation) == (1, 1)
-    if (_fast_cpu_path and not plain_3x3 and x.dim() == 4 and x.shape[1] == c and weight.shape[1] == 1
+    if (_fast_paths and not plain_3x3 and x.dim() == 4 and x.shape[1] == c and weight.shape[1] == 1
             and x.device.type == 'cpu' and x.dtype == torch.float32
             and weight.dtype == torch.float32
             and _pair(stride) == (1, 1) and not isinstance(padding, str)
