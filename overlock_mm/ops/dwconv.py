@@ -22,12 +22,13 @@ Plain 3x3 kernels keep PyTorch's own backward (faster there). Everything else --
 dtypes, strides, grouped-but-not-depthwise convolutions -- is plain ``F.conv2d``. Outputs and
 gradients equal ``F.conv2d``'s up to float32 summation order (tests/test_ops_dwconv.py).
 
-On CUDA the convolution is cuDNN's, whose depthwise kernels are fast on NCHW-contiguous inputs
-but several times slower on channels-last-strided ones -- and that is what ``LayerNorm2d``
-(a permuted ``F.layer_norm``) and every layer after it hand over. Such an input is made
-contiguous first (:func:`contiguous_for_dwconv`; one copy, a few microseconds of GPU time per
-map); ``DilatedReparamBlock`` does it once for all of its branches. Measured on an H200 in
-docs/performance.md.
+On CUDA the convolution is ``F.conv2d``'s choice: PyTorch's own depthwise kernels for an
+NCHW-contiguous input, cuDNN's grouped direct kernels for a channels-last-strided one -- several
+times slower, and that is what ``LayerNorm2d`` (a permuted ``F.layer_norm``) and every layer
+after it hand over. Such an input is made contiguous first (:func:`contiguous_for_dwconv`; one
+copy, a few microseconds of GPU time per map); ``DilatedReparamBlock`` does it once for all of
+its branches. On an H200 that halved an OverLoCK-T detection training step's GPU time
+(docs/performance.md).
 """
 import contextlib
 from typing import Iterator, Optional, Tuple
@@ -57,8 +58,8 @@ def torch_depthwise() -> Iterator[None]:
 
 
 def contiguous_for_dwconv(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the layout cuDNN's depthwise convolutions run fastest on: NCHW-contiguous on CUDA
-    (module docstring); anywhere else ``x`` itself (the CPU path picks its layout per kernel)."""
+    """``x`` in the layout depthwise convolutions run fastest in: NCHW-contiguous on CUDA (module
+    docstring); anywhere else ``x`` itself (the CPU path picks its layout per kernel)."""
     if _fast_paths and x.is_cuda and not x.is_contiguous():
         return x.contiguous()
     return x
