@@ -54,3 +54,35 @@ def test_profile_step_saved_census_sees_the_recomputation():
     assert 'DilatedReparamBlock/' in plain
     assert 'DilatedReparamBlock/' not in lean
     assert total(lean) < total(plain)
+
+
+def _train_row(impl, batch, time_s, peak, torch_dwconv=False, lean=True, with_cp=False):
+    return dict(variant='t', task='det', mode='train', deploy=False, impl=impl, batch=batch,
+                with_cp=with_cp, torch_dwconv=torch_dwconv, memory_efficient=lean,
+                results=dict(time_s=time_s, peak_bytes=peak))
+
+
+def test_step_targets_pick_their_rows_and_name_the_batch():
+    """The targets divide our rows by the same-network reference (not the --torch-dwconv one),
+    name the measured batch, and the note divides our default row by the authors' network."""
+    bench = load_benchmark()
+    rows = [_train_row('reference', 2, 1.2, 1000, torch_dwconv=True),
+            _train_row('reference', 2, 0.8, 900),
+            _train_row('auto', 2, 0.36, 360),
+            _train_row('auto', 2, 0.24, 700, lean=False)]
+    out = {t['key']: t for t in bench.evaluate_targets(None, dict(configs=rows), 'cpu')}
+    assert out['train_time_ratio']['value'] == 0.36 / 0.8
+    assert out['train_time_ratio']['status'] == 'PASS'
+    assert out['train_mem_ratio']['value'] == 360 / 900
+    assert out['train_time_ratio']['worst'] == 't-det train b2'
+    assert out['train_mem_ratio_keep_all']['status'] == 'FAIL'  # 700 / 900
+    note = out['train_vs_authors']
+    assert note['status'] == 'INFO' and note['value'] == 0.36 / 1.2 and note['memory'] == 0.36
+
+
+def test_dense_batch_reaches_the_model_rows():
+    bench = load_benchmark()
+    configs = bench.model_configs(['t'], ['det', 'cls'], False, 4, ('train',), (), True, 2)
+    assert {c.batch for c in configs if c.task == 'det'} == {2}
+    assert {c.batch for c in configs if c.task == 'cls'} == {4}
+    assert any(c.torch_dwconv and c.impl == 'reference' for c in configs)
