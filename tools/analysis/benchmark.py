@@ -662,16 +662,17 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
     with checkpointing at some resolutions only (``OverLoCK(with_cp=(s4, s8, s16, s32))``).
     Our op's training row without selective recomputation (``memory_efficient=False``) is
     always added.
-    ``torch_dwconv`` adds, per mode, the reference run with PyTorch's own depthwise convolution:
-    the authors' network as it runs without any of our depthwise-conv paths (ops/dwconv.py).
+    ``torch_dwconv`` adds, per mode, the reference and our op run with plain ``F.conv2d``
+    depthwise convolutions (none of ops/dwconv.py's paths): the former is the authors' network as
+    it runs, the latter shows what those paths save our network.
     """
     configs = []
     for variant in variants:
         for task in tasks:
             kw = dict(batch=cls_batch if task == 'cls' else dense_batch, size=MODEL_INPUTS[task])
             if torch_dwconv:
-                configs += [ModelConfig(variant, task, mode, 'reference', torch_dwconv=True, **kw)
-                            for mode in modes]
+                configs += [ModelConfig(variant, task, mode, impl, torch_dwconv=True, **kw)
+                            for mode in modes for impl in ('reference', 'auto')]
             for impl in ('reference', 'auto') if 'infer' in modes else ():
                 for deploy in (False, True):
                     if deploy and impl == 'reference' and not full:
@@ -856,7 +857,7 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
                     if c['impl'] == 'reference' and c['with_cp'] is False
                     and not c.get('torch_dwconv') and c.get('memory_efficient', True)), None)
         for c in train:
-            if c['impl'] != 'auto' or not ref:
+            if c['impl'] != 'auto' or c.get('torch_dwconv') or not ref:
                 continue
             o, cp, lean = c['results'], c['with_cp'], c.get('memory_efficient', True)
             suffix = '' if cp is False else '_cp' if cp is True else '_cp' + cp_label(cp)[9:]
@@ -880,7 +881,8 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
         authors = next((c['results'] for c in train if c['impl'] == 'reference'
                         and c.get('torch_dwconv') and c['with_cp'] is False), None)
         ours_default = next((c for c in train if c['impl'] == 'auto' and c['with_cp'] is False
-                             and c.get('memory_efficient', True)), None)
+                             and not c.get('torch_dwconv') and c.get('memory_efficient', True)),
+                            None)
         if authors and ours_default:
             o = ours_default['results']
             mem = (o['peak_bytes'] / authors['peak_bytes']
@@ -969,9 +971,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'default 1000 (the configuration that meets both step targets); '
                              'pass the flag alone for none')
     parser.add_argument('--torch-dwconv', action='store_true',
-                        help='also run the reference with PyTorch\'s own depthwise convolution '
-                             '(the authors\' network without any of our depthwise-conv paths: '
-                             'the CPU kernels, the CUDA layout choice)')
+                        help='also run the reference and our op with plain F.conv2d depthwise '
+                             'convolutions, none of our depthwise-conv paths (the CPU kernels, '
+                             'the CUDA layout choice): the authors\' network as it runs, and '
+                             'what those paths save ours')
     parser.add_argument('--full', action='store_true',
                         help='every variant, task and combination (hours on a CPU)')
     parser.add_argument('--quick', action='store_true',

@@ -8,8 +8,8 @@
 # 2. tools/analysis/tune_triton.py: tile sizes for this GPU -> OUT_DIR/tiles.json, used below
 #    through OVERLOCK_TRITON_TILES (TUNE=0 skips this and keeps the package's tiles);
 # 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection, batch 1
-#    and, training only, the recipes' 2 images per GPU; both with the authors' network as it runs,
-#    --torch-dwconv);
+#    and, training only, the recipes' 2 images per GPU; both also with plain F.conv2d depthwise
+#    convs, --torch-dwconv: the authors' network as it runs, and ours without our dw paths);
 # 4. profile_step.py: where an OverLoCK-T detection training step spends its GPU time;
 # 5. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more);
 # 6. where Nsight Compute (ncu) is installed, its view of one forward launch at OverLoCK-T's
