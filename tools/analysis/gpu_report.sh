@@ -57,7 +57,7 @@ step ops 100 $PY tools/analysis/benchmark.py --ops --impls triton reference --mi
     --no-reexec --json "$OUT/bench_ops.json"
 step models 100 $PY tools/analysis/benchmark.py --models --model-warmup 2 --model-repeat 5 \
     --torch-dwconv --no-reexec --json "$OUT/bench_models.json"
-step models_b2 80 $PY tools/analysis/benchmark.py --models --modes train --dense-batch 2 \
+step models_b2 100 $PY tools/analysis/benchmark.py --models --modes train --dense-batch 2 \
     --cp-stages --model-warmup 2 --model-repeat 5 --torch-dwconv --no-reexec \
     --json "$OUT/bench_models_b2.json"
 step profile 60 $PY tools/analysis/profile_step.py --variant t --task det --rows 25
