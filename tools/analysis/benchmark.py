@@ -853,9 +853,15 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
     if models:
         train = [c for c in models['configs'] if (c['variant'], c['task'], c['mode'], c['deploy'])
                  == ('t', 'det', 'train', False)]
-        ref = next((c['results'] for c in train
-                    if c['impl'] == 'reference' and c['with_cp'] is False
-                    and not c.get('torch_dwconv') and c.get('memory_efficient', True)), None)
+
+        def default_row(impl: str, torch_dwconv: bool = False) -> Optional[dict]:
+            """The training row of ``impl`` at the default settings (no with_cp,
+            memory_efficient), with or without our depthwise-conv paths."""
+            return next((c for c in train if c['impl'] == impl and c['with_cp'] is False
+                         and bool(c.get('torch_dwconv')) == torch_dwconv
+                         and c.get('memory_efficient', True)), None)
+
+        ref = (default_row('reference') or {}).get('results')
         for c in train:
             if c['impl'] != 'auto' or c.get('torch_dwconv') or not ref:
                 continue
@@ -874,26 +880,20 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
             values['train_time_ratio' + suffix] = (o['time_s'] / ref['time_s'], where)
             if o['peak_bytes'] and ref['peak_bytes']:
                 values['train_mem_ratio' + suffix] = (o['peak_bytes'] / ref['peak_bytes'], where)
-    notes = []
+    authors_note = None
     if models:
-        # not a target: against the authors' network as it runs (reference op and plain
-        # depthwise convolutions, --torch-dwconv), our default training step
-        authors = next((c['results'] for c in train if c['impl'] == 'reference'
-                        and c.get('torch_dwconv') and c['with_cp'] is False), None)
-        ours_default = next((c for c in train if c['impl'] == 'auto' and c['with_cp'] is False
-                             and not c.get('torch_dwconv') and c.get('memory_efficient', True)),
-                            None)
+        # not a target: our default training step against the authors' network as it runs
+        # (reference op and plain depthwise convolutions, --torch-dwconv)
+        authors, ours_default = default_row('reference', torch_dwconv=True), default_row('auto')
         if authors and ours_default:
-            o = ours_default['results']
-            mem = (o['peak_bytes'] / authors['peak_bytes']
-                   if o['peak_bytes'] and authors['peak_bytes'] else None)
-            notes.append(dict(key='train_vs_authors', description='OverLoCK-T train step, ours '
-                              "(default) / the authors' network (reference op, plain depthwise "
-                              'convs), time; memory in "memory" (not a target)',
-                              threshold=None, op=None,
-                              value=o['time_s'] / authors['time_s'],
-                              worst=f't-det train b{ours_default["batch"]}', status='INFO',
-                              memory=mem))
+            o, a = ours_default['results'], authors['results']
+            authors_note = dict(
+                key='train_vs_authors', description="OverLoCK-T train step, ours (default) / the "
+                "authors' network (reference op, plain depthwise convs)", threshold=None, op=None,
+                value=o['time_s'] / a['time_s'], worst=f't-det train b{ours_default["batch"]}',
+                status='INFO',
+                memory=(o['peak_bytes'] / a['peak_bytes'] if o['peak_bytes'] and a['peak_bytes']
+                        else None))
     out = []
     print('\n== Targets (worst case over the measured detection-size cases) ==')
     for key, desc, thr, op in targets:
@@ -923,10 +923,10 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
         out.append(dict(key='op_fwd_vs_copy', description='copy time / our forward time (not a '
                         'target)', threshold=None, op=None, value=ours_vs_copy[0],
                         worst=ours_vs_copy[1], status='INFO'))
-    for note in notes:  # (one kind so far)
+    if authors_note:
+        note = authors_note
         mem = '' if note['memory'] is None else f', peak memory {note["memory"]:.3f}'
-        print(f'  note  OverLoCK-T train step, ours (default) / the authors\' network (reference '
-              f'op, plain depthwise convs): time {note["value"]:.3f}{mem} ({note["worst"]})')
+        print(f'  note  {note["description"]}: time {note["value"]:.3f}{mem} ({note["worst"]})')
         out.append(note)
     return out
 
