@@ -36,11 +36,14 @@ def test_frozen_statistics_restores_on_error_and_skips_eval_layers():
     with pytest.raises(RuntimeError, match='boom'):
         with frozen_bn_statistics(model):
             assert bn_train.momentum == 0.0 and bn_eval.momentum == 0.1
+            assert bn_train.num_batches_tracked is None and bn_eval.num_batches_tracked == 0
             bn_train(torch.randn(4, 2, 3, 3))
             raise RuntimeError('boom')
     assert bn_train.momentum == 0.1
     assert bn_train.num_batches_tracked.item() == 0
+    assert 'num_batches_tracked' in dict(bn_train.named_buffers())
     assert torch.equal(bn_train.running_mean, torch.zeros(2))
+    assert torch.equal(bn_train.running_var, torch.ones(2))
 
 
 def _net():

@@ -20,29 +20,41 @@ from typing import Any, Callable, Iterator, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _tracks_statistics(m: nn.Module) -> bool:
+    """A normalisation layer that would update running statistics in its next forward: a
+    ``_BatchNorm`` or one that behaves like it (mmcv's ``SyncBatchNorm`` is an ``nn.Module``)."""
+    return (m.training and getattr(m, 'track_running_stats', False) is True
+            and getattr(m, 'running_mean', None) is not None and hasattr(m, 'momentum'))
 
 
 @contextlib.contextmanager
 def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
     """Inside, BatchNorm layers of ``modules`` in training mode do not change their buffers.
 
-    ``momentum = 0`` makes the update ``running = running * 1 + batch * 0`` (also when momentum
-    is ``None``, the cumulative average); ``num_batches_tracked`` is put back on exit.
+    They still normalise with the batch statistics. ``momentum = 0`` makes the running update
+    ``running = running * 1 + batch * 0`` (also when momentum is ``None``, the cumulative
+    average). ``num_batches_tracked`` is set aside (``None``) instead of cloned and copied
+    back: BatchNorm skips counting when it is ``None``, which saves two kernel launches and an
+    allocation per BatchNorm and recomputation. ``track_running_stats`` stays on: turning it off
+    would change the tensors BatchNorm saves for backward, and the recomputation must save the
+    same ones as the first forward.
     """
     saved = []
     for m in (sub for module in modules for sub in module.modules()):
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
-            tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
-            saved.append((m, m.momentum, tracked))
+        if _tracks_statistics(m):
+            saved.append((m, m.momentum, m.num_batches_tracked))
             m.momentum = 0.0
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked = None
     try:
         yield
     finally:
         for m, momentum, tracked in saved:
             m.momentum = momentum
             if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+                m.num_batches_tracked = tracked
 
 
 def _checkpoint(fn: Callable[..., Any], modules: Sequence[nn.Module], *args: Any) -> Any:
