@@ -46,6 +46,19 @@ def test_frozen_statistics_restores_on_error_and_skips_eval_layers():
     assert torch.equal(bn_train.running_var, torch.ones(2))
 
 
+def test_frozen_statistics_covers_norm_layers_that_are_not_batchnorm():
+    """InstanceNorm with running statistics is not a ``_BatchNorm`` (nor is mmcv's
+    SyncBatchNorm, which needs a process group and a GPU): its buffers must stay put too."""
+    norm = nn.InstanceNorm2d(2, track_running_stats=True).train()
+    x = torch.randn(4, 2, 3, 3) * 3 + 1
+    with frozen_bn_statistics(norm):
+        out = norm(x)
+    assert torch.equal(norm.running_mean, torch.zeros(2))
+    assert torch.equal(norm.running_var, torch.ones(2))
+    assert norm.momentum == 0.1 and norm.num_batches_tracked.item() == 0
+    torch.testing.assert_close(out, nn.InstanceNorm2d(2)(x))  # normalised with its own stats
+
+
 def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.GELU(),
                          nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.GELU(),
