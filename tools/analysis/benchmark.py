@@ -327,7 +327,7 @@ def copy_bandwidth(device: torch.device, mbytes: int = 256, repeat: int = 10) ->
     :func:`graph_time` (no launch overhead, 256 MB is larger than any L2 cache).
     """
     n = mbytes * (1 << 20) // 4
-    src = torch.rand(n, device=device)
+    src = torch.empty(n, device=device).fill_(1.0)  # values do not matter; rand() took 0.5 s
     dst = torch.empty_like(src)
     t = None
     if device.type == 'cuda':
@@ -449,7 +449,7 @@ def _dwconv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warmup: int,
-                  repeat: int, ref_repeat: int, bandwidth: float, min_time: float) -> dict:
+                  repeat: int, ref_repeat: int, min_time: float) -> dict:
     """Time and memory of every implementation and the depthwise conv for one case.
 
     Args:
@@ -460,8 +460,13 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
         repeat: minimum timed calls (``ref_repeat`` for ``'reference'``).
         ref_repeat: timed calls of the slow reference (no ``min_time`` extension, at most one
             warm-up call).
-        bandwidth: copy bandwidth in bytes/s for the roofline.
         min_time: keep timing fast calls until their total reaches this many seconds.
+
+    The roofline's copy bandwidth is sampled (:func:`copy_bandwidth`) before the case and after
+    every implementation's timing but the slow reference's, and the median sample is used: on a
+    shared VM one sample scattered over 22-40 GB/s between back-to-back calls (2-vCPU VM,
+    2026-11-28), so a single sample taken before the case set every percentage of the case by
+    chance. All samples are kept in the result (``copy_bandwidth_samples_GBps``).
 
     Returns:
         dict: case geometry, bytes, roofline times and per-implementation results.
@@ -480,9 +485,8 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
         sets.append((attn, value, grad_out))
     attn, value, grad_out = sets[0]
     result = dict(case=asdict(case), name=case.name, bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes,
-                  macs=case.macs, input_sets=n_sets,
-                  roofline_fwd_s=fwd_bytes / bandwidth,
-                  roofline_fwdbwd_s=(fwd_bytes + bwd_bytes) / bandwidth, impls={})
+                  macs=case.macs, input_sets=n_sets, impls={})
+    bandwidths = [copy_bandwidth(device)]
 
     def record(name: str, fwds: List[Callable[[], object]], fwdbwds: List[Callable[[], object]],
                rep: int, mt: float, wu: int = warmup) -> None:
@@ -501,9 +505,9 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
                          timing=f'CUDA graph replay, {len(fwds)} input sets')
             else:
                 m['graph_error'] = err_f or err_fb
-        m.update(roofline_fwd=result['roofline_fwd_s'] / m['fwd_s'],
-                 roofline_fwdbwd=result['roofline_fwdbwd_s'] / m['fwdbwd_s'])
         result['impls'][name] = m
+        if name != 'reference':
+            bandwidths.append(copy_bandwidth(device))
 
     with torch.no_grad():
         expected = na2d_av(attn, value, k, impl='reference')
@@ -562,6 +566,15 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
         fwds.append(lambda d=dsts[0], s=srcs[0]: d.copy_(s))
         fwdbwds.append(lambda d=dsts[1], s=srcs[1]: d.copy_(s))
     record('copy', fwds, fwdbwds, repeat, min_time)
+
+    bandwidth = statistics.median(bandwidths)
+    result.update(copy_bandwidth_GBps=bandwidth / 1e9,
+                  copy_bandwidth_samples_GBps=[bw / 1e9 for bw in bandwidths],
+                  roofline_fwd_s=fwd_bytes / bandwidth,
+                  roofline_fwdbwd_s=(fwd_bytes + bwd_bytes) / bandwidth)
+    for m in result['impls'].values():
+        m.update(roofline_fwd=result['roofline_fwd_s'] / m['fwd_s'],
+                 roofline_fwdbwd=result['roofline_fwdbwd_s'] / m['fwdbwd_s'])
     return result
 
 
@@ -588,17 +601,18 @@ def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
           f'{"max|err|":>9}')
     results = []
     for case in cases:
-        # The copy bandwidth of a shared VM drifts (9-15 GB/s within minutes here): each case's
-        # roofline uses a bandwidth measured right before it, not the one from the run's start.
-        case_bw = copy_bandwidth(device)
+        # The copy bandwidth of a shared VM drifts within minutes and scatters between calls:
+        # each case's roofline uses the median of samples taken during the case (bench_op_case),
+        # not the bandwidth from the run's start.
         r = bench_op_case(case, impls, device, args.warmup, args.repeat, args.ref_repeat,
-                          case_bw, args.min_time)
-        r['copy_bandwidth_GBps'] = case_bw / 1e9
+                          args.min_time)
         r['loadavg_after'] = _loadavg()
         results.append(r)
+        samples = r['copy_bandwidth_samples_GBps']
         print(f'{case.name}: fwd moves {r["bytes_fwd"] / 1e6:.1f} MB -> roofline '
-              f'{r["roofline_fwd_s"] * 1e3:.3f} ms at {case_bw / 1e9:.1f} GB/s; fwd+bwd '
-              f'{r["roofline_fwdbwd_s"] * 1e3:.3f} ms')
+              f'{r["roofline_fwd_s"] * 1e3:.3f} ms at {r["copy_bandwidth_GBps"]:.1f} GB/s (median '
+              f'of {len(samples)} samples during the case, {min(samples):.1f}-{max(samples):.1f}); '
+              f'fwd+bwd {r["roofline_fwdbwd_s"] * 1e3:.3f} ms')
         print(hdr)
         ref = r['impls'].get('reference')
         for name, m in r['impls'].items():
