@@ -184,12 +184,9 @@ constexpr int kRowsPerTask = 8;
 //
 // The block's attention taps ([tap][H][W]: k*k streams a plane apart) are first copied into a
 // small [tap][kPix] buffer (addresses of the unrolled kernel are then constants), and the taps
-// of the block kPrefetchBlocks ahead are prefetched while this one computes: k*k streams are
-// more than the hardware prefetchers track (without it the k = 13 forward ran 2x slower).  The
-// output is not prefetched for writing: on the 2-vCPU AMD EPYC VM that made the detection-size
-// forward at k = 5 / 7 1.08-1.32x slower with two threads (A/B of builds in one process,
-// 2026-11-28) and did not help at k = 13.  Output is written back channel-major through an
-// in-register transpose.
+// and (k >= kPrefetchOutputMinK) the output of the block kPrefetchBlocks ahead are prefetched
+// while this one computes: k*k streams are more than the hardware prefetchers track.  Output is
+// written back channel-major through an in-register transpose.
 constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
 // Block widths compiled: kPix, and 14 where registers allow -- per map the width with fewer
 // pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
@@ -283,11 +280,14 @@ struct FwdBlock {
   }
 
   // PK -> the block's packed taps [k*k][kPix] (P used); VB -> VT[c-vector][s(i)][x0]; WL = W * L
-  // (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF -> attention
-  // (attn[0][i'][j0']) of a block computed later, prefetched now, or null.
+  // (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO -> attention
+  // (attn[0][i'][j0']) and output (out[0][i'][j0']) of a block computed later, prefetched now,
+  // or null.
   static void run(const T* pk, const T* vb, int64_t WL, T* O, int64_t HW, int nc, int n,
-                  bool spill, const T* pf) {
+                  bool spill, const T* pf, T* pfo) {
     static_assert(P <= kPix, "block wider than the accumulators");
+    if (pfo)
+      for (int c = 0; c < nc; ++c) __builtin_prefetch(pfo + c * HW, 1, 1);
     Vec<T> acc[kPix];
     for (int p = 0; p < kPix; ++p) acc[p] = Vec<T>{};
     for (int a = 0; a < K; ++a) {
@@ -568,29 +568,36 @@ int plan_tiles(const Geo& g, std::vector<RowTile>& tiles, std::vector<IVec<T>>& 
 // (Emerald Rapids): 2 to 12 ahead read alike, ~35 % faster at the detection stage-3 k = 13 shape.
 constexpr int kPrefetchBlocks = 3;
 
+// The output block is prefetched for writing only from this k up. At k = 13 (detection stage 3)
+// it is part of the prefetching that took the forward from 8.5 to 3.9 ms on the Xeon VM; at
+// k = 5 / 7 it made the detection-size forward 1.14-1.27x slower with two threads on the AMD
+// EPYC VM in three A/B runs of both builds in one process (2026-11-28) and 1.00-1.10x slower in a
+// fourth; at k = 13 there it made no difference.
+constexpr int kPrefetchOutputMinK = 9;
+
 // Kernel sizes with a compiled block kernel (the models use 5, 7 and 13).
 constexpr int kFixedK[] = {3, 5, 7, 9, 11, 13};
 
 template <typename T, int POS, int P>
 void dispatch_block(int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW, int nc, int n,
-                    bool spill, const T* pf) {
+                    bool spill, const T* pf, T* pfo) {
   switch (k) {
-    case 3: FwdBlock<T, 3, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf); break;
-    case 5: FwdBlock<T, 5, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf); break;
-    case 7: FwdBlock<T, 7, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf); break;
-    case 9: FwdBlock<T, 9, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf); break;
-    case 11: FwdBlock<T, 11, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf); break;
-    case 13: FwdBlock<T, 13, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf); break;
+    case 3: FwdBlock<T, 3, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 5: FwdBlock<T, 5, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 7: FwdBlock<T, 7, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 9: FwdBlock<T, 9, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 11: FwdBlock<T, 11, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 13: FwdBlock<T, 13, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
     default: break;
   }
 }
 
 template <typename T, int P>
 void dispatch_block(int pos, int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW,
-                    int nc, int n, bool spill, const T* pf) {
-  if (pos == 0) dispatch_block<T, 0, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf);
-  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf);
-  else dispatch_block<T, 2, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf);
+                    int nc, int n, bool spill, const T* pf, T* pfo) {
+  if (pos == 0) dispatch_block<T, 0, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
+  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
+  else dispatch_block<T, 2, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
 }
 
 // The blocks of a row: [j0, j0 + n) with window start x0 (of pixel j0) and kind pos (see
@@ -725,11 +732,12 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const int nc = (int)std::min<int64_t>(L, g.D - cv * L);
           const bool pref = cv == 0 && pj >= 0;
           const T* pf = pref ? A + pj : nullptr;
+          T* pfo = pref && k >= kPrefetchOutputMinK ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
-            dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf);
-          else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf);
+            dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
+          else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
         }
       }
     }
