@@ -3,6 +3,9 @@
 Not a timing test: it asserts only on structure and on the numerical cross-check the harness
 makes itself (every implementation's forward equals the reference within 1e-4)."""
 import json
+import statistics
+
+import pytest
 
 from tool_utils import load_tool
 
@@ -26,11 +29,32 @@ def test_ops_and_dwconv_levels(tmp_path):
             assert r['fwd_s'] > 0 and r['fwdbwd_s'] > 0, (c['name'], name)
             if name not in ('dwconv', 'copy'):  # the bounds compute something else
                 assert r['max_abs_err_fwd'] <= 1e-4, (c['name'], name, r['max_abs_err_fwd'])
+    for c in cases:  # the roofline uses the median of the samples taken during the case
+        samples = c['copy_bandwidth_samples_GBps']
+        # before the case, between the forward bursts of each implementation but the
+        # reference (cpu/native + dwconv + copy), after the case
+        bursts = bench.FWD_BURSTS - 1
+        assert len(samples) == 2 + bursts * (len(c['impls']) - 1), c['name']
+        assert c['copy_bandwidth_GBps'] == pytest.approx(statistics.median(samples))
     dw = report['dwconv']['results'][0]
     # XT's depthwise convs at 224: the large 17x17 kernels of stride 4 are among them
     assert any(c['kernel'] == 17 for c in dw['cases'])
     assert all(c[k] > 0 for c in dw['cases']
                for k in ('fwd_torch', 'fwd_ours', 'fwdbwd_torch', 'fwdbwd_ours'))
+
+
+def test_measure_splits_op_calls_into_bursts():
+    bench = load_benchmark()
+    calls, between = [], []
+    t, times, peak = bench.measure(lambda: calls.append(1), bench.torch.device('cpu'), warmup=2,
+                                   repeat=7, memory_call=True, bursts=3,
+                                   between=lambda: between.append(len(calls)))
+    # 3 bursts of ceil(7 / 3) = 3 timed calls; warm-up 2, then 1 per later burst; memory call
+    assert len(times) == 9 and len(between) == 2
+    assert between == [2 + 3, 2 + 3 + 1 + 3]
+    assert len(calls) == 2 + 3 + (1 + 3) * 2 + 1
+    with pytest.raises(ValueError, match='bursts'):
+        bench.measure(lambda: None, bench.torch.device('cpu'), 0, 1, bursts=2)
 
 
 def test_profile_step_prints_a_table():

@@ -209,6 +209,10 @@ def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeat:
     return times
 
 
+#: op level: the forward of every implementation but the reference is timed in this many bursts,
+#: with copy-bandwidth samples between them (see bench_op_case).
+FWD_BURSTS = 3
+
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -247,20 +251,32 @@ def malloc_reuse():
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int,
-            min_time: float = 0., memory_call: bool = False
+            min_time: float = 0., memory_call: bool = False, bursts: int = 1,
+            between: Optional[Callable[[], object]] = None
             ) -> Tuple[float, List[float], Optional[int]]:
     """Median time, all times and peak memory of ``fn``.
 
     By default the peak is over the warm-up and timed calls themselves (one-shot model steps).
     With ``memory_call`` the calls are timed under :func:`malloc_reuse` and the peak comes from
-    one more call with the meter's allocator mode (op level: many short calls).
+    one more call with the meter's allocator mode (op level: many short calls). There the calls
+    can be split into ``bursts`` (``repeat`` and ``min_time`` shared among them, one more warm-up
+    call each, ``between()`` run between two bursts) whose times are pooled: a neighbour on a
+    shared VM that slows the machine for a second then spoils a third of the calls, not the
+    median.
     """
     if not memory_call:
+        if bursts != 1:
+            raise ValueError('measure: bursts need memory_call=True (op-level calls)')
         with PeakMemory(device) as mem:
             times = time_it(fn, device, warmup, repeat, min_time)
         return statistics.median(times), times, mem.peak
-    with malloc_reuse():
-        times = time_it(fn, device, warmup, repeat, min_time)
+    times = []
+    for i in range(bursts):
+        if i and between is not None:
+            between()
+        with malloc_reuse():
+            times += time_it(fn, device, warmup if i == 0 else min(warmup, 1),
+                             math.ceil(repeat / bursts), min_time / bursts)
     with PeakMemory(device) as mem:
         fn()
         synchronize(device)
@@ -320,21 +336,35 @@ def input_sets(device: torch.device, set_bytes: int, max_sets: int = 64) -> int:
     return max(1, min(max_sets, math.ceil(3 * l2 / max(set_bytes, 1))))
 
 
-def copy_bandwidth(device: torch.device, mbytes: int = 256, repeat: int = 10) -> float:
+class CopyBandwidth:
     """Copy bandwidth in bytes/s: ``dst.copy_(src)`` of ``mbytes`` MB, read + write counted.
 
-    The destination is preallocated and warmed; on CUDA the copies are timed by
-    :func:`graph_time` (no launch overhead, 256 MB is larger than any L2 cache).
+    The buffers are allocated and the destination warmed once; every :meth:`sample` then times
+    copies between them (on CUDA by :func:`graph_time`: no launch overhead, 256 MB is larger
+    than any L2 cache). Reusing the buffers keeps a sample at ~0.25 s on the 2-core VM (a fresh
+    pair paid ~0.2 s of page faults more).
     """
-    n = mbytes * (1 << 20) // 4
-    src = torch.empty(n, device=device).fill_(1.0)  # values do not matter; rand() took 0.5 s
-    dst = torch.empty_like(src)
-    t = None
-    if device.type == 'cuda':
-        t, _ = graph_time([lambda: dst.copy_(src)], device, replays=repeat)
-    if t is None:
-        t = statistics.median(time_it(lambda: dst.copy_(src), device, warmup=3, repeat=repeat))
-    return 2 * src.numel() * src.element_size() / t
+
+    def __init__(self, device: torch.device, mbytes: int = 256) -> None:
+        self.device = device
+        n = mbytes * (1 << 20) // 4
+        self.src = torch.empty(n, device=device).fill_(1.0)  # values do not matter
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+
+    def sample(self, repeat: int = 10) -> float:
+        t = None
+        if self.device.type == 'cuda':
+            t, _ = graph_time([lambda: self.dst.copy_(self.src)], self.device, replays=repeat)
+        if t is None:
+            t = statistics.median(time_it(lambda: self.dst.copy_(self.src), self.device,
+                                          warmup=2, repeat=repeat))
+        return 2 * self.src.numel() * self.src.element_size() / t
+
+
+def copy_bandwidth(device: torch.device, mbytes: int = 256, repeat: int = 10) -> float:
+    """One :class:`CopyBandwidth` sample with buffers of its own."""
+    return CopyBandwidth(device, mbytes).sample(repeat)
 
 
 def calibrate_memory_meter(device: torch.device) -> Optional[float]:
@@ -462,11 +492,13 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
             warm-up call).
         min_time: keep timing fast calls until their total reaches this many seconds.
 
-    The roofline's copy bandwidth is sampled (:func:`copy_bandwidth`) before the case and after
-    every implementation's timing but the slow reference's, and the median sample is used: on a
-    shared VM one sample scattered over 22-40 GB/s between back-to-back calls (2-vCPU VM,
-    2026-11-28), so a single sample taken before the case set every percentage of the case by
-    chance. All samples are kept in the result (``copy_bandwidth_samples_GBps``).
+    The roofline's copy bandwidth is sampled (:class:`CopyBandwidth`) before the case, between
+    the three bursts in which every implementation but the slow reference times its forward, and
+    after the case; the median sample is used. On a shared VM one sample scattered over 22-40
+    GB/s between back-to-back calls (2-vCPU AMD EPYC VM, 2026-11-28), so a single sample taken
+    before the case set every percentage of the case by chance; sampling between the bursts
+    measures the bandwidth over the same seconds as the forward. All samples are kept in the
+    result (``copy_bandwidth_samples_GBps``).
 
     Returns:
         dict: case geometry, bytes, roofline times and per-implementation results.
@@ -486,11 +518,17 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     attn, value, grad_out = sets[0]
     result = dict(case=asdict(case), name=case.name, bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes,
                   macs=case.macs, input_sets=n_sets, impls={})
-    bandwidths = [copy_bandwidth(device)]
+    copy_meter = CopyBandwidth(device)
+    bandwidths = [copy_meter.sample()]
+
+    def sample_bandwidth() -> None:
+        bandwidths.append(copy_meter.sample())
 
     def record(name: str, fwds: List[Callable[[], object]], fwdbwds: List[Callable[[], object]],
                rep: int, mt: float, wu: int = warmup) -> None:
-        t_f, ts_f, _ = measure(fwds[0], device, wu, rep, mt, memory_call=True)
+        bursts = 1 if name == 'reference' else FWD_BURSTS
+        t_f, ts_f, _ = measure(fwds[0], device, wu, rep, mt, memory_call=True, bursts=bursts,
+                               between=sample_bandwidth)
         t_fb, ts_fb, mem = measure(fwdbwds[0], device, wu, rep, mt, memory_call=True)
         m = dict(fwd_s=t_f, fwd_times=ts_f, fwdbwd_s=t_fb, fwdbwd_times=ts_fb,
                  fwdbwd_peak_bytes=mem, timing='wall clock per call')
@@ -506,8 +544,6 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
             else:
                 m['graph_error'] = err_f or err_fb
         result['impls'][name] = m
-        if name != 'reference':
-            bandwidths.append(copy_bandwidth(device))
 
     with torch.no_grad():
         expected = na2d_av(attn, value, k, impl='reference')
@@ -567,6 +603,8 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
         fwdbwds.append(lambda d=dsts[1], s=srcs[1]: d.copy_(s))
     record('copy', fwds, fwdbwds, repeat, min_time)
 
+    sample_bandwidth()
+    del copy_meter
     bandwidth = statistics.median(bandwidths)
     result.update(copy_bandwidth_GBps=bandwidth / 1e9,
                   copy_bandwidth_samples_GBps=[bw / 1e9 for bw in bandwidths],
