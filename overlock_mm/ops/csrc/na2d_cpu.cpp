@@ -570,9 +570,9 @@ constexpr int kPrefetchBlocks = 3;
 
 // The output block is prefetched for writing only from this k up. At k = 13 (detection stage 3)
 // it is part of the prefetching that took the forward from 8.5 to 3.9 ms on the Xeon VM; at
-// k = 5 / 7 it made the detection-size forward 1.14-1.27x slower with two threads on the AMD
+// k = 5 / 7 it made the detection-size forward 1.08-1.32x slower with two threads on the AMD
 // EPYC VM in three A/B runs of both builds in one process (2026-11-28) and 1.00-1.10x slower in a
-// fourth; at k = 13 there it made no difference.
+// fourth; at k = 13 there the results scattered either way (0.98-1.18x).
 constexpr int kPrefetchOutputMinK = 9;
 
 // Kernel sizes with a compiled block kernel (the models use 5, 7 and 13).
