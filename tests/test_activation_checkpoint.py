@@ -59,6 +59,27 @@ def test_frozen_statistics_covers_norm_layers_that_are_not_batchnorm():
     torch.testing.assert_close(out, nn.InstanceNorm2d(2)(x))  # normalised with its own stats
 
 
+def test_checkpointed_block_with_syncbatchnorm():
+    """nn.SyncBatchNorm (what ``sync_bn='torch'`` turns every BatchNorm into under DDP) refuses a
+    ``None`` count; in one process it runs as a plain BatchNorm, so the result must equal the
+    plain block's, statistics and count included."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4), nn.GELU()).train()
+    ckpt = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4), nn.GELU()).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    out_plain = plain(x.clone().requires_grad_())
+    out_ckpt = checkpoint_block(ckpt, x.clone().requires_grad_())
+    out_plain.square().sum().backward()
+    out_ckpt.square().sum().backward()  # the recomputation happens here
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    for (n, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+    assert ckpt[1].num_batches_tracked.item() == 1
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+
+
 def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.GELU(),
                          nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.GELU(),

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def _tracks_statistics(m: nn.Module) -> bool:
@@ -35,25 +36,35 @@ def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
 
     They still normalise with the batch statistics. ``momentum = 0`` makes the running update
     ``running = running * 1 + batch * 0`` (also when momentum is ``None``, the cumulative
-    average). ``num_batches_tracked`` is set aside (``None``) instead of cloned and copied
-    back: BatchNorm skips counting when it is ``None``, which saves two kernel launches and an
-    allocation per BatchNorm and recomputation. ``track_running_stats`` stays on: turning it off
-    would change the tensors BatchNorm saves for backward, and the recomputation must save the
-    same ones as the first forward.
+    average). ``num_batches_tracked`` would still count: where the layer runs
+    ``_BatchNorm.forward`` (BatchNorm1d/2d/3d), which skips the count when the buffer is
+    ``None``, the buffer is set aside -- no clone before and no copy back after, two kernel
+    launches and an allocation fewer per BatchNorm and recomputation. Layers with a forward of
+    their own (``nn.SyncBatchNorm`` insists on the buffer) count into it and get a saved copy
+    back on exit. ``track_running_stats`` stays on: turning it off would change the tensors
+    BatchNorm saves for backward, and the recomputation must save the same ones as the first
+    forward.
     """
     saved = []
     for m in (sub for module in modules for sub in module.modules()):
-        if _tracks_statistics(m):
-            saved.append((m, m.momentum, m.num_batches_tracked))
-            m.momentum = 0.0
-            if m.num_batches_tracked is not None:
+        if not _tracks_statistics(m):
+            continue
+        tracked, backup = m.num_batches_tracked, None
+        if tracked is not None:
+            if type(m).forward is _BatchNorm.forward:
                 m.num_batches_tracked = None
+            else:
+                backup = tracked.clone()
+        saved.append((m, m.momentum, tracked, backup))
+        m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum, tracked in saved:
+        for m, momentum, tracked, backup in saved:
             m.momentum = momentum
-            if tracked is not None:
+            if backup is not None:
+                tracked.copy_(backup)
+            elif tracked is not None:
                 m.num_batches_tracked = tracked
 
 
