@@ -271,10 +271,10 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat:
             times = time_it(fn, device, warmup, repeat, min_time)
         return statistics.median(times), times, mem.peak
     times = []
-    for i in range(bursts):
-        if i and between is not None:
-            between()
-        with malloc_reuse():
+    with malloc_reuse():  # once for all bursts: leaving it trims the heap
+        for i in range(bursts):
+            if i and between is not None:
+                between()
             times += time_it(fn, device, warmup if i == 0 else min(warmup, 1),
                              math.ceil(repeat / bursts), min_time / bursts)
     with PeakMemory(device) as mem:
