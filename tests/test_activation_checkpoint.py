@@ -9,12 +9,15 @@ from overlock_mm.utils.activation_checkpoint import (checkpoint_block, frozen_bn
                                                      sequential_with_recompute)
 
 
+# nn.SyncBatchNorm: what sync_bn='torch' turns every BatchNorm into under DDP; it refuses a None
+# num_batches_tracked, and in one process it runs as a plain BatchNorm.
+@pytest.mark.parametrize('norm', [nn.BatchNorm2d, nn.SyncBatchNorm])
 @pytest.mark.parametrize('momentum', [0.1, None])  # None: cumulative moving average
-def test_checkpointed_block_matches_plain_block(momentum):
+def test_checkpointed_block_matches_plain_block(norm, momentum):
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum),
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm(4, momentum=momentum),
                           nn.GELU()).train()
-    ckpt = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum),
+    ckpt = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm(4, momentum=momentum),
                          nn.GELU()).train()
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 8, 8)
@@ -28,6 +31,7 @@ def test_checkpointed_block_matches_plain_block(momentum):
     for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=n)
     assert ckpt[1].momentum == momentum  # restored
+    assert ckpt[1].num_batches_tracked.item() == 1
 
 
 def test_frozen_statistics_restores_on_error_and_skips_eval_layers():
@@ -57,27 +61,6 @@ def test_frozen_statistics_covers_norm_layers_that_are_not_batchnorm():
     assert torch.equal(norm.running_var, torch.ones(2))
     assert norm.momentum == 0.1 and norm.num_batches_tracked.item() == 0
     torch.testing.assert_close(out, nn.InstanceNorm2d(2)(x))  # normalised with its own stats
-
-
-def test_checkpointed_block_with_syncbatchnorm():
-    """nn.SyncBatchNorm (what ``sync_bn='torch'`` turns every BatchNorm into under DDP) refuses a
-    ``None`` count; in one process it runs as a plain BatchNorm, so the result must equal the
-    plain block's, statistics and count included."""
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4), nn.GELU()).train()
-    ckpt = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4), nn.GELU()).train()
-    ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 8, 8)
-    out_plain = plain(x.clone().requires_grad_())
-    out_ckpt = checkpoint_block(ckpt, x.clone().requires_grad_())
-    out_plain.square().sum().backward()
-    out_ckpt.square().sum().backward()  # the recomputation happens here
-    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
-    for (n, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
-    assert ckpt[1].num_batches_tracked.item() == 1
-    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, msg=n)
 
 
 def _net():
