@@ -74,15 +74,15 @@ def test_forward_float32_tolerance(impl, k, H, W, D):
 
 # The CPU forward has a compiled block kernel per k in (3, 5, 7, 9, 11, 13), block position (row
 # start, interior, row end) and block width (16 or 14 pixels with AVX-512, whichever computes
-# fewer pixels for the row), used where W >= 16 + k // 2 or so, and a generic path otherwise.
+# fewer pixels for the row), used where W >= 14 + k // 2 or so, and a generic path otherwise.
 # Per k: the narrowest map of the compiled path (14-pixel blocks), one whose last interior block
 # is shifted left (16-pixel blocks), and the detection stage-3 width (6 x 14); channel counts
 # below, at and above one vector (zero-padded channel vectors).  (3, 113): 14-pixel blocks whose
 # last interior block ends one pixel before the row does (its whole-vector store must not spill
-# past the row).
+# past the row).  (3, 15): a compiled map narrower than a 16-pixel vector (14-pixel blocks).
 BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
                for w, d in ((16 + k // 2, 16), (45, 10), (84, 24))] + [(13, 21, 16), (15, 40, 16),
-                                                                       (3, 113, 16)]
+                                                                       (3, 113, 16), (3, 15, 16)]
 
 
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])

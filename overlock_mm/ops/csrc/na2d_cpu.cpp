@@ -182,11 +182,16 @@ constexpr int kRowsPerTask = 8;
 // outside kFixedK, or maps too narrow: blocks_fit) take fwd_block_any, which reads each pixel's
 // window separately.
 //
-// The block's attention taps ([tap][H][W]: k*k streams a plane apart) are first copied into a
-// small [tap][kPix] buffer (addresses of the unrolled kernel are then constants), and the taps
-// and (k >= kPrefetchOutputMinK) the output of the block kPrefetchBlocks ahead are prefetched
-// while this one computes: k*k streams are more than the hardware prefetchers track.  Output is
-// written back channel-major through an in-register transpose.
+// The FMAs broadcast the attention taps straight from `attn` ([tap][H][W]: k*k streams a plane
+// apart; a runtime tap stride, so the unrolled kernel keeps a few tap pointers).  The first
+// kernels copied a block's taps into a small [tap][kPix] buffer first, so that every address was
+// a compile-time offset; on the AMD EPYC VM that copy was the whole gap between the op and its
+// bare block kernel (one thread, attention kept L2-resident: 1110 ns per 14-pixel k = 13 block
+// with it, 743 without), and dropping it made the forward 1.15-1.21x faster at the detection
+// stage-3 k = 13 map and 1.02-1.16x at the k = 5 / 7 maps (A/B in one process, 2026-11-28).  The
+// taps and (k >= kPrefetchOutputMinK) the output of the block kPrefetchBlocks ahead are
+// prefetched while this one computes: k*k streams are more than the hardware prefetchers track.
+// Output is written back channel-major through an in-register transpose.
 constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
 // Block widths compiled: kPix, and 14 where registers allow -- per map the width with fewer
 // pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
@@ -265,24 +270,25 @@ struct FwdBlock {
   static constexpr int L = lanes<T>();
   static constexpr int NX = col_off<K, POS, P>(P - 1) + K;  // value columns a window row spans
 
-  // One window row: PK -> its k taps [b][kPix] (P used), VR -> the value row at the block's
-  // window start.
-  static inline void row(Vec<T> (&acc)[kPix], const T* __restrict pk, const T* __restrict vr) {
+  // One window row: PK -> its first tap at the block's first pixel (tap b of pixel p at
+  // pk[b * TS + p]), VR -> the value row at the block's window start.
+  static inline void row(Vec<T> (&acc)[kPix], const T* __restrict pk, int64_t ts,
+                         const T* __restrict vr) {
 #pragma GCC unroll 64
     for (int x = 0; x < NX; ++x) {
       const Vec<T> v = in_register<T>(loadu(vr + x * L));
 #pragma GCC unroll 64
       for (int p = 0; p < P; ++p) {
         const int b = x - col_off<K, POS, P>(p);
-        if (b >= 0 && b < K) acc[p] += pk[b * kPix + p] * v;
+        if (b >= 0 && b < K) acc[p] += pk[b * ts + p] * v;
       }
     }
   }
 
-  // PK -> the block's packed taps [k*k][kPix] (P used); VB -> VT[c-vector][s(i)][x0]; WL = W * L
-  // (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO -> attention
-  // (attn[0][i'][j0']) and output (out[0][i'][j0']) of a block computed later, prefetched now,
-  // or null.
+  // PK -> the block's attention, attn[0][i][j0] (tap stride HW); VB -> VT[c-vector][s(i)][x0];
+  // WL = W * L (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO ->
+  // attention (attn[0][i'][j0']) and output (out[0][i'][j0']) of a block computed later,
+  // prefetched now, or null.
   static void run(const T* pk, const T* vb, int64_t WL, T* O, int64_t HW, int nc, int n,
                   bool spill, const T* pf, T* pfo) {
     static_assert(P <= kPix, "block wider than the accumulators");
@@ -293,7 +299,7 @@ struct FwdBlock {
     for (int a = 0; a < K; ++a) {
       if (pf)
         for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
-      row(acc, pk + a * K * kPix, vb + a * WL);
+      row(acc, pk + a * K * HW, HW, vb + a * WL);
     }
     store_block<T>(acc, O, HW, nc, n, spill);
   }
@@ -605,8 +611,8 @@ void dispatch_block(int pos, int k, const T* pk, const T* vb, int64_t WL, T* o, 
 // at W - 1, interior blocks in between (the last shifted left to stay interior: overlaps
 // recompute the same values).  Valid when a border block's windows clamp on one side only
 // (W >= P + r) and the interior blocks fit between the clamped columns (W >= P + 2r, unless
-// there are none: W <= 2P); W >= kPix for the repack's whole-vector loads.  Otherwise, or for k
-// without a compiled kernel: generic blocks.
+// there are none: W <= 2P).  Otherwise, or for k without a compiled kernel: generic blocks
+// (which read a packed copy of their taps, zero past the block's pixels).
 struct Block {
   int64_t j0, x0;
   int pos, n;
@@ -615,7 +621,7 @@ struct Block {
 inline bool blocks_fit(const Geo& g, int P) {
   bool fixed = false;
   for (int k : kFixedK) fixed = fixed || k == g.k;
-  return fixed && g.W >= kPix && g.W >= P + g.r && (g.W <= 2 * P || g.W >= P + 2 * g.r);
+  return fixed && g.W >= P + g.r && (g.W <= 2 * P || g.W >= P + 2 * g.r);
 }
 
 inline std::vector<Block> plan_blocks(const Geo& g, int P) {
@@ -690,9 +696,8 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
   parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
     const T* A = attn + bg * T2 * HW;
     T* O = out + bg * g.D * HW;
-    // the repacked taps (one vector of slack in front, see the repack; zeroed so that lanes no
-    // pixel uses hold no stale values) and the channels-last value (written in full)
-    T* pk = thread_scratch<T, 0>(kPix + T2 * kPix, true) + kPix;
+    // the generic blocks' packed taps and the channels-last value (both written in full)
+    T* pk = thread_scratch<T, 0>(T2 * kPix, false);
     T* vt = thread_scratch<T, 1>(NV * HW * L, false);
     to_channels_last<T>(value + bg * g.D * HW, vt, g);
     int64_t sj[kPix];
@@ -700,16 +705,7 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
       const int64_t s = window_start(i, g.H, k);
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const Block& blk = blocks[bi];
-        if (blk.pos >= 0) {
-          // taps [t][kPix]: kPix values read from c0 <= j0 (whole vectors stay inside the row)
-          // land at t * kPix + (c0 - j0); a shift spills into the previous tap's unused lanes
-          const int64_t c0 = std::min<int64_t>(blk.j0, g.W - kPix);
-          const T* a = A + i * g.W + c0;
-          T* d = pk + (c0 - blk.j0);
-          for (int64_t t = 0; t < T2; ++t)
-#pragma GCC unroll 4
-            for (int q = 0; q < kPix; q += L) storeu(d + t * kPix + q, loadu(a + t * HW + q));
-        } else {  // kept apart: a partial load in the same loop defeats the plain one
+        if (blk.pos < 0) {  // generic blocks read packed taps [t][kPix], zero past blk.n
           const T* a = A + i * g.W + blk.j0;
           for (int64_t t = 0; t < T2; ++t)
             for (int q = 0; q < kPix; q += L) {
@@ -734,10 +730,11 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const T* pf = pref ? A + pj : nullptr;
           T* pfo = pref && k >= kPrefetchOutputMinK ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
+          const T* ab = A + i * g.W + blk.j0;
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
-            dispatch_block<T, kPix>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
-          else dispatch_block<T, kPixAlt>(blk.pos, k, pk, vb, WL, o, HW, nc, P, spill, pf, pfo);
+            dispatch_block<T, kPix>(blk.pos, k, ab, vb, WL, o, HW, nc, P, spill, pf, pfo);
+          else dispatch_block<T, kPixAlt>(blk.pos, k, ab, vb, WL, o, HW, nc, P, spill, pf, pfo);
         }
       }
     }
