@@ -74,15 +74,15 @@ def test_forward_float32_tolerance(impl, k, H, W, D):
 
 # The CPU forward has a compiled block kernel per k in (3, 5, 7, 9, 11, 13), block position (row
 # start, interior, row end) and block width (16 or 14 pixels with AVX-512, whichever computes
-# fewer pixels for the row), used where W >= 14 + k // 2 or so, and a generic path otherwise.
+# fewer pixels for the row), used where W >= 16 + k // 2 or so, and a generic path otherwise.
 # Per k: the narrowest map of the compiled path (14-pixel blocks), one whose last interior block
 # is shifted left (16-pixel blocks), and the detection stage-3 width (6 x 14); channel counts
 # below, at and above one vector (zero-padded channel vectors).  (3, 113): 14-pixel blocks whose
 # last interior block ends one pixel before the row does (its whole-vector store must not spill
-# past the row).  (3, 15): a compiled map narrower than a 16-pixel vector (14-pixel blocks).
+# past the row).
 BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
                for w, d in ((16 + k // 2, 16), (45, 10), (84, 24))] + [(13, 21, 16), (15, 40, 16),
-                                                                       (3, 113, 16), (3, 15, 16)]
+                                                                       (3, 113, 16)]
 
 
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
@@ -91,6 +91,24 @@ BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
 def test_forward_block_kernels(impl, dtype, k, W, D):
     H = k + 3
     attn, v = make(1, 2, D, H, W, k, dtype=dtype, seed=k + W)
+    expected = brute_force_av(attn.double(), v.double(), k)
+    with torch.no_grad():
+        out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (out.double() - expected).abs().max() < tol
+
+
+# The block kernels read the taps straight from `attn` unless the plane stride (H * W elements)
+# puts more than 4 of a window row's taps into one L1 set (it repeats every 4 KB); then from a
+# packed copy per block.  The cases above read directly; maps whose plane is a multiple of 4 KB
+# take the copy at every compiled k > 4 (k = 3 never does): 16 x 64 with 16-pixel blocks,
+# 128 x 56 with 14-pixel blocks, in both dtypes.
+@pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('k', [5, 7, 9, 11, 13])
+@pytest.mark.parametrize('H,W', [(16, 64), (128, 56)])
+def test_forward_block_kernels_packed_taps(impl, dtype, k, H, W):
+    attn, v = make(1, 2, 16, H, W, k, dtype=dtype, seed=k)
     expected = brute_force_av(attn.double(), v.double(), k)
     with torch.no_grad():
         out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))

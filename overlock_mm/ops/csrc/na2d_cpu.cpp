@@ -183,15 +183,15 @@ constexpr int kRowsPerTask = 8;
 // window separately.
 //
 // The FMAs broadcast the attention taps straight from `attn` ([tap][H][W]: k*k streams a plane
-// apart; a runtime tap stride, so the unrolled kernel keeps a few tap pointers).  The first
-// kernels copied a block's taps into a small [tap][kPix] buffer first, so that every address was
-// a compile-time offset; on the AMD EPYC VM that copy was the whole gap between the op and its
-// bare block kernel (one thread, attention kept L2-resident: 1110 ns per 14-pixel k = 13 block
-// with it, 743 without), and dropping it made the forward 1.15-1.21x faster at the detection
-// stage-3 k = 13 map and 1.02-1.16x at the k = 5 / 7 maps (A/B in one process, 2026-11-28).  The
-// taps and (k >= kPrefetchOutputMinK) the output of the block kPrefetchBlocks ahead are
-// prefetched while this one computes: k*k streams are more than the hardware prefetchers track.
-// Output is written back channel-major through an in-register transpose.
+// apart, a runtime stride), except on maps whose plane stride makes a window row's taps collide
+// in the L1 cache (taps_spread): there each block's taps are first copied into a small
+// [tap][kPix] buffer, whose constant stride makes every tap address an offset from one register.
+// The first kernels always copied; on the AMD EPYC VM that copy was the whole gap between the op
+// and its bare block kernel (one thread, attention kept L2-resident: 1110 ns per 14-pixel k = 13
+// block with it, 743 without).  The taps and (k >= kPrefetchOutputMinK) the output of the block
+// kPrefetchBlocks ahead are prefetched while this one computes: k*k streams are more than the
+// hardware prefetchers track.  Output is written back channel-major through an in-register
+// transpose.
 constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
 // Block widths compiled: kPix, and 14 where registers allow -- per map the width with fewer
 // pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
@@ -271,36 +271,49 @@ struct FwdBlock {
   static constexpr int NX = col_off<K, POS, P>(P - 1) + K;  // value columns a window row spans
 
   // One window row: PK -> its first tap at the block's first pixel (tap b of pixel p at
-  // pk[b * TS + p]), VR -> the value row at the block's window start.
+  // pk[b * stride + p]; stride TS, or ts where TS is 0), VR -> the value row at the block's
+  // window start.
+  template <int TS>
   static inline void row(Vec<T> (&acc)[kPix], const T* __restrict pk, int64_t ts,
                          const T* __restrict vr) {
+    const int64_t stride = TS ? TS : ts;
 #pragma GCC unroll 64
     for (int x = 0; x < NX; ++x) {
       const Vec<T> v = in_register<T>(loadu(vr + x * L));
 #pragma GCC unroll 64
       for (int p = 0; p < P; ++p) {
         const int b = x - col_off<K, POS, P>(p);
-        if (b >= 0 && b < K) acc[p] += pk[b * ts + p] * v;
+        if (b >= 0 && b < K) acc[p] += pk[b * stride + p] * v;
       }
     }
   }
 
-  // PK -> the block's attention, attn[0][i][j0] (tap stride HW); VB -> VT[c-vector][s(i)][x0];
-  // WL = W * L (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO ->
-  // attention (attn[0][i'][j0']) and output (out[0][i'][j0']) of a block computed later,
-  // prefetched now, or null.
-  static void run(const T* pk, const T* vb, int64_t WL, T* O, int64_t HW, int nc, int n,
-                  bool spill, const T* pf, T* pfo) {
+  template <int TS>
+  static inline void rows(Vec<T> (&acc)[kPix], const T* pk, int64_t ts, const T* vb, int64_t WL,
+                          int64_t HW, const T* pf) {
+    for (int a = 0; a < K; ++a) {
+      if (pf)
+        for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
+      row<TS>(acc, pk + a * K * (TS ? TS : ts), ts, vb + a * WL);
+    }
+  }
+
+  // PK -> the block's first tap at its first pixel, taps TS apart: attn[0][i][j0] and HW, or the
+  // packed copy and kPix (see forward_impl), compiled apart -- with the packed copy's constant
+  // stride every tap address is an offset from one register (the packed path measured
+  // 1.06-1.18x slower through the runtime-stride code); VB -> VT[c-vector][s(i)][x0]; WL = W * L
+  // (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO -> attention
+  // (attn[0][i'][j0']) and output (out[0][i'][j0']) of a block computed later, prefetched now,
+  // or null.
+  static void run(const T* pk, int64_t ts, const T* vb, int64_t WL, T* O, int64_t HW, int nc,
+                  int n, bool spill, const T* pf, T* pfo) {
     static_assert(P <= kPix, "block wider than the accumulators");
     if (pfo)
       for (int c = 0; c < nc; ++c) __builtin_prefetch(pfo + c * HW, 1, 1);
     Vec<T> acc[kPix];
     for (int p = 0; p < kPix; ++p) acc[p] = Vec<T>{};
-    for (int a = 0; a < K; ++a) {
-      if (pf)
-        for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
-      row(acc, pk + a * K * HW, HW, vb + a * WL);
-    }
+    if (ts == kPix) rows<kPix>(acc, pk, ts, vb, WL, HW, pf);
+    else rows<0>(acc, pk, ts, vb, WL, HW, pf);
     store_block<T>(acc, O, HW, nc, n, spill);
   }
 };
@@ -585,25 +598,25 @@ constexpr int kPrefetchOutputMinK = 9;
 constexpr int kFixedK[] = {3, 5, 7, 9, 11, 13};
 
 template <typename T, int POS, int P>
-void dispatch_block(int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW, int nc, int n,
-                    bool spill, const T* pf, T* pfo) {
+void dispatch_block(int k, const T* pk, int64_t ts, const T* vb, int64_t WL, T* o, int64_t HW,
+                    int nc, int n, bool spill, const T* pf, T* pfo) {
   switch (k) {
-    case 3: FwdBlock<T, 3, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
-    case 5: FwdBlock<T, 5, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
-    case 7: FwdBlock<T, 7, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
-    case 9: FwdBlock<T, 9, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
-    case 11: FwdBlock<T, 11, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
-    case 13: FwdBlock<T, 13, POS, P>::run(pk, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 3: FwdBlock<T, 3, POS, P>::run(pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 5: FwdBlock<T, 5, POS, P>::run(pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 7: FwdBlock<T, 7, POS, P>::run(pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 9: FwdBlock<T, 9, POS, P>::run(pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 11: FwdBlock<T, 11, POS, P>::run(pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
+    case 13: FwdBlock<T, 13, POS, P>::run(pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo); break;
     default: break;
   }
 }
 
 template <typename T, int P>
-void dispatch_block(int pos, int k, const T* pk, const T* vb, int64_t WL, T* o, int64_t HW,
-                    int nc, int n, bool spill, const T* pf, T* pfo) {
-  if (pos == 0) dispatch_block<T, 0, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
-  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
-  else dispatch_block<T, 2, P>(k, pk, vb, WL, o, HW, nc, n, spill, pf, pfo);
+void dispatch_block(int pos, int k, const T* pk, int64_t ts, const T* vb, int64_t WL, T* o,
+                    int64_t HW, int nc, int n, bool spill, const T* pf, T* pfo) {
+  if (pos == 0) dispatch_block<T, 0, P>(k, pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo);
+  else if (pos == 1) dispatch_block<T, 1, P>(k, pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo);
+  else dispatch_block<T, 2, P>(k, pk, ts, vb, WL, o, HW, nc, n, spill, pf, pfo);
 }
 
 // The blocks of a row: [j0, j0 + n) with window start x0 (of pixel j0) and kind pos (see
@@ -611,8 +624,8 @@ void dispatch_block(int pos, int k, const T* pk, const T* vb, int64_t WL, T* o, 
 // at W - 1, interior blocks in between (the last shifted left to stay interior: overlaps
 // recompute the same values).  Valid when a border block's windows clamp on one side only
 // (W >= P + r) and the interior blocks fit between the clamped columns (W >= P + 2r, unless
-// there are none: W <= 2P).  Otherwise, or for k without a compiled kernel: generic blocks
-// (which read a packed copy of their taps, zero past the block's pixels).
+// there are none: W <= 2P); W >= kPix for the packed copy's whole-vector loads (see
+// forward_impl).  Otherwise, or for k without a compiled kernel: generic blocks.
 struct Block {
   int64_t j0, x0;
   int pos, n;
@@ -621,7 +634,7 @@ struct Block {
 inline bool blocks_fit(const Geo& g, int P) {
   bool fixed = false;
   for (int k : kFixedK) fixed = fixed || k == g.k;
-  return fixed && g.W >= P + g.r && (g.W <= 2 * P || g.W >= P + 2 * g.r);
+  return fixed && g.W >= kPix && g.W >= P + g.r && (g.W <= 2 * P || g.W >= P + 2 * g.r);
 }
 
 inline std::vector<Block> plan_blocks(const Geo& g, int P) {
@@ -683,6 +696,25 @@ void to_channels_last(const T* V, T* VT, const Geo& g) {
       }
 }
 
+// Whether the block kernels broadcast the taps straight from `attn` (else from a packed copy per
+// block).  A window row's k taps are a plane (H * W elements) apart; where that stride is a
+// multiple of 4 KB, or close to one, they fall into a few sets of the L1 data cache (64 sets of
+// 64-byte lines on x86 cores: the set repeats every 4 KB) and evict one another while the row
+// computes.  So: direct while at most kMaxTapsPerSet of a window row's taps share a set.
+// Measured on the AMD EPYC VM, one thread, 4 groups, k = 13 and 7, A/B in one process against
+// the build that always copied (2026-11-28): 16 map / k cases with 1-4 taps a set, 1.01-1.21x
+// (the detection maps 50x84 and 25x42 1.17 / 1.21x at k = 13); with direct reads everywhere, the
+// 10 cases with all taps in one set (32x128, 16x64, 64x64, 48x64, 32x96) ran 0.54-0.86x, and
+// with the copy for them 0.99-1.06x.
+constexpr int kMaxTapsPerSet = 4;
+
+inline bool taps_spread(int64_t plane_bytes, int k) {
+  int count[64] = {};
+  for (int b = 0; b < k; ++b)
+    if (++count[((b * plane_bytes) >> 6) & 63] > kMaxTapsPerSet) return false;
+  return true;
+}
+
 // One task per group (batch x group): its value is transposed once, then its rows are walked
 // block by block.
 template <typename T>
@@ -693,11 +725,14 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
   const int P = block_width(g);
   const std::vector<Block> blocks = plan_blocks(g, P);
   const int64_t nblocks = (int64_t)blocks.size();
+  const bool direct = taps_spread(HW * (int64_t)sizeof(T), k);
+  const int64_t ts = direct ? HW : kPix;  // tap stride of what the block kernels read
   parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
     const T* A = attn + bg * T2 * HW;
     T* O = out + bg * g.D * HW;
-    // the generic blocks' packed taps and the channels-last value (both written in full)
-    T* pk = thread_scratch<T, 0>(T2 * kPix, false);
+    // the packed taps (one vector of slack in front, see the copy; zeroed so that lanes no pixel
+    // uses hold no stale values) and the channels-last value (written in full)
+    T* pk = thread_scratch<T, 0>(kPix + T2 * kPix, true) + kPix;
     T* vt = thread_scratch<T, 1>(NV * HW * L, false);
     to_channels_last<T>(value + bg * g.D * HW, vt, g);
     int64_t sj[kPix];
@@ -705,7 +740,16 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
       const int64_t s = window_start(i, g.H, k);
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const Block& blk = blocks[bi];
-        if (blk.pos < 0) {  // generic blocks read packed taps [t][kPix], zero past blk.n
+        if (blk.pos >= 0 && !direct) {
+          // taps [t][kPix]: kPix values read from c0 <= j0 (whole vectors stay inside the row)
+          // land at t * kPix + (c0 - j0); a shift spills into the previous tap's unused lanes
+          const int64_t c0 = std::min<int64_t>(blk.j0, g.W - kPix);
+          const T* a = A + i * g.W + c0;
+          T* d = pk + (c0 - blk.j0);
+          for (int64_t t = 0; t < T2; ++t)
+#pragma GCC unroll 4
+            for (int q = 0; q < kPix; q += L) storeu(d + t * kPix + q, loadu(a + t * HW + q));
+        } else if (blk.pos < 0) {  // kept apart: a partial load in the same loop defeats the plain one
           const T* a = A + i * g.W + blk.j0;
           for (int64_t t = 0; t < T2; ++t)
             for (int q = 0; q < kPix; q += L) {
@@ -730,11 +774,12 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const T* pf = pref ? A + pj : nullptr;
           T* pfo = pref && k >= kPrefetchOutputMinK ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
-          const T* ab = A + i * g.W + blk.j0;
+          const T* tp = direct ? A + i * g.W + blk.j0 : pk;
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
-            dispatch_block<T, kPix>(blk.pos, k, ab, vb, WL, o, HW, nc, P, spill, pf, pfo);
-          else dispatch_block<T, kPixAlt>(blk.pos, k, ab, vb, WL, o, HW, nc, P, spill, pf, pfo);
+            dispatch_block<T, kPix>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
+          else
+            dispatch_block<T, kPixAlt>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
         }
       }
     }
