@@ -749,7 +749,7 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           for (int64_t t = 0; t < T2; ++t)
 #pragma GCC unroll 4
             for (int q = 0; q < kPix; q += L) storeu(d + t * kPix + q, loadu(a + t * HW + q));
-        } else if (blk.pos < 0) {  // kept apart: a partial load in the same loop defeats the plain one
+        } else if (blk.pos < 0) {  // apart: a partial load in the same loop defeats the plain one
           const T* a = A + i * g.W + blk.j0;
           for (int64_t t = 0; t < T2; ++t)
             for (int q = 0; q < kPix; q += L) {
