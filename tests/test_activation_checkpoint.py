@@ -1,5 +1,7 @@
 """overlock_mm.utils.activation_checkpoint: recomputation leaves BatchNorm buffers alone and
 keeps only what it should."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -97,3 +99,72 @@ def test_sequential_with_recompute_matches_plain_and_keeps_less():
 def test_sequential_with_recompute_rejects_bad_ranges(ranges):
     with pytest.raises(ValueError, match='bad range'):
         sequential_with_recompute(_net(), torch.randn(1, 3, 4, 4), ranges)
+
+
+def _compare_recompute(plain: nn.Module, lean: nn.Module, ranges, x: torch.Tensor,
+                       x_grad: bool = True, **autocast) -> None:
+    """Forward (under ``autocast`` if given) and backward of ``plain`` and of ``lean`` with
+    ``ranges`` recomputed: outputs, gradients and buffers must agree."""
+    lean.load_state_dict(plain.state_dict())
+    xp, xl = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    ctx = (torch.autocast(x.device.type, **autocast) if autocast
+           else contextlib.nullcontext())
+    with ctx:
+        out_plain = plain(xp)
+        out_lean = sequential_with_recompute(lean, xl, ranges)
+    assert out_lean.dtype == out_plain.dtype
+    torch.testing.assert_close(out_lean, out_plain, rtol=0, atol=0)
+    # backward outside autocast, as torch.autocast's documentation asks
+    out_plain.float().square().sum().backward()
+    out_lean.float().square().sum().backward()
+    if x_grad:
+        torch.testing.assert_close(xl.grad, xp.grad)
+    for (n, a), b in zip(plain.named_parameters(), lean.parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=n)
+    for (n, a), b in zip(plain.state_dict().items(), lean.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+
+
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_recompute_runs_under_the_forwards_autocast(device):
+    """The recomputation happens in backward, outside the caller's autocast: it must enter the
+    first forward's autocast again, or it would compute in float32 what the forward computed in
+    half precision (other values, and a gradient of another dtype)."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == 'cpu' else torch.float16
+    plain, lean = _net().to(device), _net().to(device)
+    _compare_recompute(plain, lean, [(0, 3), (3, 6)], torch.randn(2, 3, 8, 8, device=device),
+                       dtype=dtype)
+
+
+def test_recompute_shared_and_frozen_parameters_and_input_without_grad():
+    """A layer used twice, and a weight tied between two layers, get their gradients once
+    (summed over the uses, as without recomputation); a frozen parameter gets none; an input
+    that needs no gradient gets none."""
+    torch.manual_seed(0)
+
+    def net():
+        conv = nn.Conv2d(4, 4, 3, padding=1)
+        tied = nn.Conv2d(4, 4, 3, padding=1)
+        tied.weight = conv.weight
+        seq = nn.Sequential(nn.Conv2d(3, 4, 1), conv, nn.BatchNorm2d(4), nn.GELU(), conv, tied,
+                            nn.Conv2d(4, 2, 1)).train()
+        seq[0].bias.requires_grad_(False)
+        return seq
+
+    _compare_recompute(net(), net(), [(0, 6)], torch.randn(2, 3, 6, 6), x_grad=False)
+    _compare_recompute(net(), net(), [(1, 6)], torch.randn(2, 3, 6, 6))
+
+
+def test_recompute_refuses_dropout():
+    seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.1)).train()
+    with pytest.raises(ValueError, match='Dropout draws random numbers'):
+        sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
+    seq.eval()  # no randomness in eval mode
+    sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
