@@ -12,7 +12,7 @@ left them.
 :func:`sequential_with_recompute` applies the same to a few runs of layers inside a block
 (selective recomputation: keep what is expensive to recompute, recompute what is cheap to run
 but large to keep -- Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
-Models", 2022, apply the idea to attention). Those runs are many and short (OverLoCK-T: ~90 per
+Models", 2022, apply the idea to attention). Those runs are many and short (OverLoCK-T: 74 per
 step, 3-25 layers each), so they use a leaner mechanism than ``torch.utils.checkpoint``
 (:class:`_Recompute`): the first forward runs without autograd at all (no graph, no saved-tensor
 hooks), and backward runs the layers again with autograd and differentiates that. On a GPU,
