@@ -168,3 +168,46 @@ def test_recompute_refuses_dropout():
         sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
     seq.eval()  # no randomness in eval mode
     sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
+
+
+class _TwoOutputs(nn.Module):
+    """A block like the Focus-Net's: several inputs (one of them passed twice), drop path,
+    BatchNorm, and a tuple of two views and a ``None`` out."""
+
+    def __init__(self):
+        super().__init__()
+        from mmcv.cnn.bricks import DropPath
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = DropPath(0.5)
+
+    def forward(self, x, a, b):
+        y = x + self.drop(self.bn(self.conv(x * a + b)))
+        return y[:, :2], y[:, 2:], None
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_checkpoint_block_replays_random_numbers_and_takes_tuples(device):
+    """checkpoint_block recomputes a drop-path block: its masks must repeat (the generators
+    are replayed), and the generators must end where the plain forward leaves them."""
+    torch.manual_seed(0)
+    plain, ckpt = _TwoOutputs().to(device).train(), _TwoOutputs().to(device).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 4, 5, 5, device=device)
+    a = torch.randn(8, 4, 5, 5, device=device)
+    grads, states = [], []
+    for model, run in ((plain, lambda m, *t: m(*t)), (ckpt, checkpoint_block)):
+        xi, ai = x.clone().requires_grad_(), a.clone().requires_grad_()
+        torch.manual_seed(1)
+        y0, y1, none = run(model, xi, ai, ai)
+        assert none is None
+        torch.rand(3, device=device)  # the generator moves on between forward and backward
+        (y0.square().sum() + 2 * y1.sum()).backward()  # the recomputation happens here
+        states.append(torch.rand(3, device=device))  # where the generator stands now
+        grads.append([xi.grad, ai.grad] + [p.grad for p in model.parameters()])
+    assert len(grads[1]) == len(grads[0])
+    for g_ckpt, g_plain in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_ckpt, g_plain)
+    torch.testing.assert_close(states[1], states[0], rtol=0, atol=0)
+    for (n, p), c in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(c, p, rtol=0, atol=0, msg=n)

@@ -136,23 +136,29 @@ def test_frozen_stages_and_norm_eval():
     assert torch.equal(before, model.blocks1[0].proj[4].weight)
 
 
-def test_with_cp_same_gradients_and_batchnorm_statistics():
+@pytest.mark.parametrize('drop_path_rate', [0., 0.8])
+def test_with_cp_same_gradients_and_batchnorm_statistics(drop_path_rate):
     """A checkpointed block runs its forward twice; gradients, and its BatchNorms' running
     statistics and batch counts, must still end as after one plain training step (the
-    statistics moved twice before)."""
+    statistics moved twice before). With drop path the recomputation must draw the same
+    masks."""
     torch.manual_seed(0)
-    a = tiny(layout='seg', with_cp=[False, True, True, True])
-    b = tiny(layout='seg', with_cp=False, memory_efficient=False)
+    a = tiny(layout='seg', with_cp=[False, True, True, True], drop_path_rate=drop_path_rate)
+    b = tiny(layout='seg', with_cp=False, memory_efficient=False, drop_path_rate=drop_path_rate)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(4, 3, 64, 64)  # 4 samples: 4 drop-path draws per block
     for m in (a, b):
         m.train()
+        torch.manual_seed(1)
         sum(o.square().mean() for o in m(x)).backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is None:
             assert pb.grad is None, n
             continue
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)
+        # relative to the gradient's own scale: some are ~1e-10 here (zero-initialised GRN)
+        scale = pb.grad.abs().max().item()
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * scale + 1e-20,
+                                   msg=n)
     buffers = dict(b.named_buffers())
     assert any('num_batches_tracked' in n for n in buffers)
     for n, buf in a.named_buffers():

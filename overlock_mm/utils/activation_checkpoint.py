@@ -22,11 +22,11 @@ the recomputation's main cost (docs/performance.md). It assumes layers without r
 ``torch.utils.checkpoint``, which restores the RNG state.
 """
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -104,19 +104,6 @@ def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
         _restore_statistics(saved)
 
 
-def _checkpoint(fn: Callable[..., Any], modules: Sequence[nn.Module], *args: Any) -> Any:
-    """``fn(*args)`` under non-reentrant activation checkpointing (RNG state preserved, so
-    drop-path masks repeat); the BatchNorms of ``modules`` are frozen during the recompute."""
-    return cp.checkpoint(fn, *args, use_reentrant=False,
-                         context_fn=lambda: (contextlib.nullcontext(),
-                                             frozen_bn_statistics(*modules)))
-
-
-def checkpoint_block(block: nn.Module, *args: Any) -> Any:
-    """``block(*args)`` checkpointed, BatchNorm statistics updated by the first forward only."""
-    return _checkpoint(block, (block,), *args)
-
-
 def _run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         x = layer(x)
@@ -128,60 +115,104 @@ def _autocast_state(device_type: str) -> Tuple[str, bool, torch.dtype]:
         device_type)
 
 
-class _Recompute(torch.autograd.Function):
-    """``_run_layers(layers, x)`` keeping only ``x``; backward runs the layers again.
+def _rng_state(device: torch.device) -> Tuple[torch.device, torch.Tensor, Optional[torch.Tensor]]:
+    """The CPU generator's state and, for a CUDA ``device``, that device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+    return device, torch.get_rng_state(), cuda
 
-    The layers' trainable parameters are inputs of the function, so their gradients reach the
-    autograd engine like any other (gradient accumulation, DDP's reducer hooks). Not twice
-    differentiable.
+
+@contextlib.contextmanager
+def _replayed_rng(state: Tuple[torch.device, torch.Tensor, Optional[torch.Tensor]]
+                  ) -> Iterator[None]:
+    """Inside, the generators of :func:`_rng_state` start where they were when it was taken
+    (so drop-path masks repeat); on exit they continue where they were before."""
+    device, cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+class _Recompute(torch.autograd.Function):
+    """``fn(*args)`` keeping only ``args``; backward runs ``fn`` again and differentiates it.
+
+    ``plan`` is ``(norms, params, autocast, rng)``: the layers whose running statistics are
+    frozen during the recomputation, the trainable parameters (also the function's trailing
+    inputs, so their gradients reach the autograd engine like any other: accumulation, DDP's
+    reducer hooks), the first forward's autocast states and, where ``fn`` may draw random
+    numbers, the generators' states before it. ``fn`` returns a tensor or a tuple of tensors
+    and ``None``. Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, layers: Tuple[nn.Module, ...], norms: List[nn.Module],
-                autocast: Tuple[Tuple[str, bool, torch.dtype], ...], x: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
-        ctx.layers, ctx.norms, ctx.autocast, ctx.params = layers, norms, autocast, params
-        ctx.save_for_backward(x)
-        return _run_layers(layers, x)  # autograd is off inside forward: nothing else is kept
+    def forward(ctx, fn: Callable[..., Any], plan: tuple, n_args: int, *tensors: Any) -> Any:
+        ctx.fn, ctx.plan, ctx.n_args = fn, plan, n_args
+        args = tensors[:n_args]
+        ctx.save_for_backward(*args)
+        return fn(*args)  # autograd is off inside forward: nothing else is kept
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        (x,) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        x = x.detach().requires_grad_(needs[3])
-        params = [p for p, n in zip(ctx.params, needs[4:]) if n]
+    def backward(ctx, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+        norms, params, autocast, rng = ctx.plan
+        needs = ctx.needs_input_grad[3:]
+        n = ctx.n_args
+        args = [a if a is None else a.detach().requires_grad_(need)
+                for a, need in zip(ctx.saved_tensors, needs[:n])]
         with contextlib.ExitStack() as stack:
             # the autocast state of the first forward (backward runs outside the caller's
             # context); entered only where it differs, as entering costs host time
-            for state in ctx.autocast:
+            for state in autocast:
                 if state != _autocast_state(state[0]):
                     stack.enter_context(torch.autocast(state[0], state[2], state[1]))
-            saved = _freeze_statistics(ctx.norms)
-            stack.callback(_restore_statistics, saved)
+            if rng is not None:
+                stack.enter_context(_replayed_rng(rng))
+            stack.callback(_restore_statistics, _freeze_statistics(norms))
             with torch.enable_grad():
-                out = _run_layers(ctx.layers, x)
-        inputs = ([x] if needs[3] else []) + params
-        grads = iter(torch.autograd.grad(out, inputs, grad, allow_unused=True) if inputs else ())
-        return (None, None, None, next(grads) if needs[3] else None,
-                *(next(grads) if n else None for n in needs[4:]))
+                out = ctx.fn(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        inputs = ([a for a, need in zip(args, needs[:n]) if need]
+                  + [p for p, need in zip(params, needs[n:]) if need])
+        result = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                          allow_unused=True)
+                      if inputs and pairs else [None] * len(inputs))
+        return (None, None, None, *(next(result) if need else None for need in needs))
+
+
+def _recompute(fn: Callable[..., Any], modules: Sequence[nn.Module], args: Sequence[Any],
+               preserve_rng: bool) -> Any:
+    """``fn(*args)`` through :class:`_Recompute`; ``modules`` hold every layer ``fn`` runs."""
+    subs = _submodules(modules)
+    # each trainable parameter once (a shared one listed twice would get its gradient twice)
+    params = list({id(p): p for m in subs for p in m._parameters.values()
+                   if p is not None and p.requires_grad}.values())
+    norms = [m for m in subs if _tracks_statistics(m)]
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device('cpu'))
+    autocast = tuple(_autocast_state(d) for d in {device.type, 'cpu'})
+    rng = _rng_state(device) if preserve_rng else None
+    return _Recompute.apply(fn, (norms, params, autocast, rng), len(args), *args, *params)
+
+
+def checkpoint_block(block: nn.Module, *args: Any) -> Any:
+    """``block(*args)`` checkpointed: only ``args`` are kept for backward, which runs the block
+    again with the random number generators replayed (drop-path masks repeat) and BatchNorm
+    statistics frozen (they move once, in the first forward)."""
+    return _recompute(block, (block,), args, preserve_rng=True)
 
 
 def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """``layers`` applied in turn to ``x``, recomputed in backward: only ``x`` is kept,
     BatchNorm statistics are updated by the first forward only. The layers must not draw random
-    numbers (dropout): the recomputation would draw other ones."""
+    numbers (dropout; refused): there is no generator state to replay, which saves the host its
+    capture for the many short ranges of ``memory_efficient``."""
     layers = tuple(layers)
-    modules = _submodules(layers)
-    for m in modules:
+    for m in _submodules(layers):
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
             raise ValueError(f'checkpoint_layers: {type(m).__name__} draws random numbers, '
                              'which the recomputation would not repeat; use checkpoint_block.')
-    # each trainable parameter once (a shared one listed twice would get its gradient twice)
-    params = list({id(p): p for m in modules for p in m._parameters.values()
-                   if p is not None and p.requires_grad}.values())
-    norms = [m for m in modules if _tracks_statistics(m)]
-    autocast = tuple(_autocast_state(d) for d in {x.device.type, 'cpu'})
-    return _Recompute.apply(layers, norms, autocast, x, *params)
+    return _recompute(functools.partial(_run_layers, layers), layers, (x,), preserve_rng=False)
 
 
 def sequential_with_recompute(seq: nn.Sequential, x: torch.Tensor,
