@@ -1,25 +1,27 @@
 """Activation (gradient) checkpointing of one block, with BatchNorm statistics updated once.
 
-``torch.utils.checkpoint`` runs a block's forward a second time during backward. In training
-mode every BatchNorm inside then updates its running mean / variance and ``num_batches_tracked``
-a second time from the same batch, so a model trained with ``with_cp=True`` ends with other
-BatchNorm statistics (a faster moving average, twice the batch count) than the same training
-without it -- and evaluates differently. :func:`checkpoint_block` recomputes with the running
-statistics frozen: the recomputed forward normalises with the same batch statistics as the
-first one (so outputs and gradients are unchanged) but leaves the buffers as the first forward
-left them.
+Checkpointing runs a block's forward a second time during backward. With
+``torch.utils.checkpoint`` every BatchNorm inside would then update its running mean / variance
+and ``num_batches_tracked`` a second time from the same batch, so a model trained with
+``with_cp=True`` would end with other BatchNorm statistics (a faster moving average, twice the
+batch count) than the same training without it -- and evaluate differently.
+:func:`checkpoint_block` recomputes with the running statistics frozen: the recomputed forward
+normalises with the same batch statistics as the first one (so outputs and gradients are
+unchanged) but leaves the buffers as the first forward left them.
 
 :func:`sequential_with_recompute` applies the same to a few runs of layers inside a block
 (selective recomputation: keep what is expensive to recompute, recompute what is cheap to run
 but large to keep -- Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
 Models", 2022, apply the idea to attention). Those runs are many and short (OverLoCK-T: 74 per
-step, 3-25 layers each), so they use a leaner mechanism than ``torch.utils.checkpoint``
-(:class:`_Recompute`): the first forward runs without autograd at all (no graph, no saved-tensor
-hooks), and backward runs the layers again with autograd and differentiates that. On a GPU,
-where a batch-1 training step is bound by the host's per-operation work, that bookkeeping is
-the recomputation's main cost (docs/performance.md). It assumes layers without randomness
-(checked: no dropout); whole blocks (``with_cp``, with DropPath) keep
-``torch.utils.checkpoint``, which restores the RNG state.
+step, 3-25 layers each).
+
+Both go through one lean ``autograd.Function`` (:class:`_Recompute`) rather than
+``torch.utils.checkpoint``: the first forward runs without autograd at all (no graph, no
+saved-tensor hooks), and backward runs the layers again with autograd and differentiates that.
+On a GPU, where a batch-1 training step is bound by the host's per-operation work, the
+bookkeeping of ``torch.utils.checkpoint`` was the recomputation's main cost
+(docs/performance.md). Whole blocks replay the random number generators (drop-path masks
+repeat); the short ranges skip that and refuse layers that draw random numbers (dropout).
 """
 import contextlib
 import functools
