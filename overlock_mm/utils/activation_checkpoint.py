@@ -183,10 +183,10 @@ class _Recompute(torch.autograd.Function):
         return (None, None, None, *(next(result) if need else None for need in needs))
 
 
-def _recompute(fn: Callable[..., Any], modules: Sequence[nn.Module], args: Sequence[Any],
+def _recompute(fn: Callable[..., Any], subs: Sequence[nn.Module], args: Sequence[Any],
                preserve_rng: bool) -> Any:
-    """``fn(*args)`` through :class:`_Recompute`; ``modules`` hold every layer ``fn`` runs."""
-    subs = _submodules(modules)
+    """``fn(*args)`` through :class:`_Recompute`; ``subs`` (from :func:`_submodules`) are all
+    the modules ``fn`` runs."""
     # each trainable parameter once (a shared one listed twice would get its gradient twice)
     params = list({id(p): p for m in subs for p in m._parameters.values()
                    if p is not None and p.requires_grad}.values())
@@ -201,7 +201,7 @@ def checkpoint_block(block: nn.Module, *args: Any) -> Any:
     """``block(*args)`` checkpointed: only ``args`` are kept for backward, which runs the block
     again with the random number generators replayed (drop-path masks repeat) and BatchNorm
     statistics frozen (they move once, in the first forward)."""
-    return _recompute(block, (block,), args, preserve_rng=True)
+    return _recompute(block, _submodules((block,)), args, preserve_rng=True)
 
 
 def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -210,11 +210,12 @@ def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Ten
     numbers (dropout; refused): there is no generator state to replay, which saves the host its
     capture for the many short ranges of ``memory_efficient``."""
     layers = tuple(layers)
-    for m in _submodules(layers):
+    subs = _submodules(layers)
+    for m in subs:
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
             raise ValueError(f'checkpoint_layers: {type(m).__name__} draws random numbers, '
                              'which the recomputation would not repeat; use checkpoint_block.')
-    return _recompute(functools.partial(_run_layers, layers), layers, (x,), preserve_rng=False)
+    return _recompute(functools.partial(_run_layers, layers), subs, (x,), preserve_rng=False)
 
 
 def sequential_with_recompute(seq: nn.Sequential, x: torch.Tensor,
