@@ -1,5 +1,7 @@
 """Two processes (torchrun, gloo) train a detector and a segmentor through tools/train.py with
-launcher='pytorch'; every rank must end with identical weights that differ from the start."""
+launcher='pytorch'; every rank must end with identical weights that differ from the start. The
+segmentor's backbone checkpoints two stages (with drop path): gradients of recomputed blocks must
+reach DDP's reducer like any other."""
 import os
 import subprocess
 import sys
@@ -37,7 +39,11 @@ def test_two_process_training_stays_in_sync(task, tmp_path):
         opts.append(f'val_evaluator.ann_file={root}annotations/instances_val.json')
     if task == 'seg':
         opts += ['model.data_preprocessor.size=(128,128)',
-                 'train_dataloader.dataset.pipeline.3.crop_size=(128,128)']
+                 'train_dataloader.dataset.pipeline.3.crop_size=(128,128)',
+                 # checkpointed drop-path blocks (stride 8; stride 32 with the Focus-Net's
+                 # tuple-returning blocks) under DDP, selective recomputation elsewhere
+                 'model.backbone.with_cp=(False,True,False,True)',
+                 'model.backbone.drop_path_rate=0.2']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
            '--master_port', str(29600 + list(CASES).index(task)),
