@@ -13,6 +13,18 @@ def tiny(**kw):
     return OverLoCK(dict(TINY), **kw)
 
 
+def assert_grad_close(actual, expected, top: float, name: str) -> None:
+    """Gradients of one parameter from two float32 training steps. Their sizes span ~1e-15 to
+    ~0.1 in this tiny network (zero-initialised GRN / LayerScale paths), so the tolerance is
+    relative to each gradient's own largest entry (0.1 %; float32 summation order gave up to
+    0.02 %, and a 1 % error in the recomputed gradients fails), with a floor of 1e-11 of the
+    network's largest gradient for those that are float32 noise around zero (~5e-15 here). A
+    fixed ``atol=1e-6`` passed even without the drop-path masks replayed."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3 * scale + 1e-11 * top,
+                               msg=name)
+
+
 def test_unknown_arch_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown arch 'huge'.*b, s, t, xt"):
         OverLoCK('huge')
@@ -151,14 +163,12 @@ def test_with_cp_same_gradients_and_batchnorm_statistics(drop_path_rate):
         m.train()
         torch.manual_seed(1)
         sum(o.square().mean() for o in m(x)).backward()
+    top = max(p.grad.abs().max().item() for p in b.parameters() if p.grad is not None)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is None:
             assert pb.grad is None, n
             continue
-        # relative to the gradient's own scale: some are ~1e-10 here (zero-initialised GRN)
-        scale = pb.grad.abs().max().item()
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * scale + 1e-20,
-                                   msg=n)
+        assert_grad_close(pa.grad, pb.grad, top, n)
     buffers = dict(b.named_buffers())
     assert any('num_batches_tracked' in n for n in buffers)
     for n, buf in a.named_buffers():
@@ -199,10 +209,11 @@ def test_memory_efficient_keeps_less_and_changes_nothing():
     assert sum(kept_lean.values()) <= sum(kept_plain.values()) - branch_bytes
     for a, b in zip(out_lean, out_plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    top = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
     for (n, pa), pb in zip(lean.named_parameters(), plain.parameters()):
         assert (pa.grad is None) == (pb.grad is None), n
         if pa.grad is not None:
-            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)
+            assert_grad_close(pa.grad, pb.grad, top, n)
     buffers = dict(plain.named_buffers())
     for n, buf in lean.named_buffers():
         torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0, msg=n)
