@@ -190,22 +190,27 @@ def test_norm_eval(cls):
     assert model.training
 
 
+@pytest.mark.parametrize('drop_path_rate', [0., 0.8])
 @pytest.mark.parametrize('cls', [moga, unirep])
-def test_with_cp_same_gradients_and_batchnorm_statistics(cls):
-    """Same gradients, and recomputation under with_cp leaves BatchNorm buffers as one plain
-    step does (they moved twice before)."""
+def test_with_cp_same_gradients_and_batchnorm_statistics(cls, drop_path_rate):
+    """Same gradients (with drop path: the recomputation draws the same masks), and
+    recomputation under with_cp leaves BatchNorm buffers as one plain step does (they moved
+    twice before)."""
     torch.manual_seed(0)
-    ref = cls().train()
-    ckpt = cls(with_cp=True).train()
+    ref = cls(drop_path_rate=drop_path_rate).train()
+    ckpt = cls(with_cp=True, drop_path_rate=drop_path_rate).train()
     ckpt.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
     torch.manual_seed(1)
     sum(o.sum() for o in ref(x)).backward()
     torch.manual_seed(1)
     x2 = x.detach().clone().requires_grad_()
     sum(o.sum() for o in ckpt(x2)).backward()
+    # relative to each gradient's size (0.1 %; a 1 % error fails), floor for float32 noise
+    top = max(p.grad.abs().max().item() for p in ref.parameters())
     for (n, a), b in zip(ref.named_parameters(), ckpt.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-5), n
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3,
+                                   atol=1e-3 * a.grad.abs().max().item() + 1e-11 * top, msg=n)
     buffers = dict(ref.named_buffers())
     assert any('num_batches_tracked' in n for n in buffers)
     for n, buf in ckpt.named_buffers():
