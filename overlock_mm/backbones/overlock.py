@@ -93,7 +93,7 @@ class OverLoCK(BaseModule):
             of keeping them: same outputs, gradients and BatchNorm statistics; an OverLoCK-T
             training step at 1344x800 on CPU peaks at 3.8 instead of 7.0 GB for 4-25 % more
             time; on an H200 GPU, where the step is bound by the host's launch work that
-            recomputation repeats, 3.7 instead of 6.9 GB for ~1.2-1.4x the time
+            recomputation repeats, 3.7 instead of 6.9 GB for 1.1-1.4x the time
             (docs/performance.md). Blocks that ``with_cp`` checkpoints whole do
             not also do this. Defaults to True; False for the fastest step when memory is
             plentiful.
