@@ -227,6 +227,21 @@ def test_memory_efficient_is_off_inside_checkpointed_blocks():
     assert flags == dict(blocks1=False, blocks2=True, blocks3=False, blocks4=True,
                          sub_blocks3=False, sub_blocks4=True)
     assert not any(blk.memory_efficient for blk in tiny(memory_efficient=False).sub_blocks3)
+    # per resolution, combined with with_cp
+    model = tiny(layout='det', memory_efficient=(True, False, True, False),
+                 with_cp=(False, False, True, False))
+    flags = {name: blk.memory_efficient for name in ('blocks1', 'blocks2', 'blocks3', 'blocks4',
+                                                      'sub_blocks3', 'sub_blocks4')
+             for blk in getattr(model, name)}
+    assert flags == dict(blocks1=True, blocks2=False, blocks3=False, blocks4=False,
+                         sub_blocks3=False, sub_blocks4=False)
+
+
+@pytest.mark.parametrize('name', ['with_cp', 'memory_efficient'])
+@pytest.mark.parametrize('flags', [(True, False), (True, False, True, 'yes'), (1, 0, 2, 0)])
+def test_per_resolution_flags_need_four_bools(name, flags):
+    with pytest.raises(ValueError, match=f'{name} must be a bool or 4 bools'):
+        tiny(**{name: flags})
 
 
 def test_drop_path_rates_rise_linearly():

@@ -44,6 +44,17 @@ def _stem(in_channels: int, dim: int) -> nn.Sequential:
     )
 
 
+def _per_resolution(name: str, flags: Union[bool, Sequence[bool]]) -> Tuple[bool, ...]:
+    """One flag for every resolution (stride 4, 8, 16, 32), from one flag or four."""
+    if isinstance(flags, bool):
+        return (flags,) * 4
+    flags = tuple(flags)
+    if len(flags) != 4 or not all(isinstance(f, (bool, int)) and f in (0, 1) for f in flags):
+        raise ValueError(f'OverLoCK: {name} must be a bool or 4 bools (strides 4, 8, 16, 32), '
+                         f'got {flags}.')
+    return tuple(bool(f) for f in flags)
+
+
 class FocusDownsample(nn.Module):
     """``patch_embedx``: stride-2 downsampling of the features and of the context together."""
 
@@ -87,15 +98,16 @@ class OverLoCK(BaseModule):
             resolution (stride 4, 8, 16 (blocks3 and sub_blocks3), 32 (blocks4 and
             sub_blocks4)); BatchNorm statistics move once per step, as without it
             (:func:`~overlock_mm.utils.activation_checkpoint.checkpoint_block`). Defaults to False.
-        memory_efficient (bool): in training, recompute the cheap layers whose activations are
-            large (the dilated re-parameterisation branches with their norms, the MLPs'
-            GELU -> DW 3x3 -> GRN; see ``RECOMPUTE`` in ``layers/blocks.py``) in backward instead
-            of keeping them: same outputs, gradients and BatchNorm statistics; an OverLoCK-T
-            training step at 1344x800 on CPU peaks at 3.8 instead of 7.0 GB for 4-25 % more
-            time; on an H200 GPU, where the step is bound by the host's launch work that
-            recomputation repeats, 3.7 instead of 6.9 GB for 1.1-1.4x the time
-            (docs/performance.md). Blocks that ``with_cp`` checkpoints whole do
-            not also do this. Defaults to True; False for the fastest step when memory is
+        memory_efficient (bool | Sequence[bool]): in training, recompute the cheap layers whose
+            activations are large (the dilated re-parameterisation branches with their norms,
+            the MLPs' GELU -> DW 3x3 -> GRN; see ``RECOMPUTE`` in ``layers/blocks.py``) in
+            backward instead of keeping them: same outputs, gradients and BatchNorm statistics.
+            One flag or one per resolution, as ``with_cp``. An OverLoCK-T training step at
+            1344x800 on CPU peaks at 3.8 instead of 7.0 GB for 4-25 % more time; on an H200 GPU,
+            where the step is bound by the host's launch work that recomputation repeats, 3.7
+            instead of 6.9 GB for 1.1-1.4x the time, and ``(True, True, False, False)`` 5.3 GB
+            for ~1.15x (docs/performance.md). Blocks that ``with_cp`` checkpoints whole do not
+            also do this. Defaults to True; False for the fastest step when memory is
             plentiful.
         deploy (bool): build the re-parameterised network directly (for ``*_reparam.pth``).
             Defaults to False.
@@ -132,7 +144,7 @@ class OverLoCK(BaseModule):
                  with_cp: Union[bool, Sequence[bool]] = False,
                  deploy: bool = False,
                  contmix_impl: str = 'auto',
-                 memory_efficient: bool = True,
+                 memory_efficient: Union[bool, Sequence[bool]] = True,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch = self._parse_arch(arch)
@@ -164,19 +176,15 @@ class OverLoCK(BaseModule):
         if len(ls_init_values) != 4:
             raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), got '
                              f'{tuple(ls_init_values)}.')
-        if isinstance(with_cp, bool):
-            with_cp = (with_cp,) * 4
-        if len(with_cp) != 4:
-            raise ValueError(f'OverLoCK: with_cp must be a bool or 4 bools, got {with_cp}.')
-        self.with_cp = tuple(bool(c) for c in with_cp)
+        self.with_cp = _per_resolution('with_cp', with_cp)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.drop_path_rate = drop_path_rate
         self.deploy = deploy
-        self.memory_efficient = memory_efficient
+        self.memory_efficient = _per_resolution('memory_efficient', memory_efficient)
         # Selective recomputation inside a block that is checkpointed whole would run it a third
         # time in backward and keep nothing less.
-        lean = [memory_efficient and not cp for cp in self.with_cp]
+        lean = [me and not cp for me, cp in zip(self.memory_efficient, self.with_cp)]
 
         total = sum(depths) + sum(sub_depths)
         rates = iter([drop_path_rate * i / max(total - 1, 1) for i in range(total)])
