@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.moga import MogaBlock
 from ..registry import MODELS
-from ..utils.activation_checkpoint import checkpoint_block
+from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
 from ._baseline_utils import (check_input, check_out_indices, load_released_weights,
                               pretrained_and_rest)
 
@@ -131,11 +131,7 @@ class MogaNet(BaseModule):
         self.in_channels = in_channels
         self.out_indices = check_out_indices('MogaNet', out_indices, self.num_stages,
                                              'stages at strides 4/8/16/32')
-        if isinstance(with_cp, bool):
-            with_cp = (with_cp,) * self.num_stages
-        if len(with_cp) != self.num_stages:
-            raise ValueError(f'MogaNet: with_cp must be a bool or 4 bools, got {with_cp}.')
-        self.with_cp = tuple(bool(c) for c in with_cp)
+        self.with_cp = per_stage_flags('MogaNet', 'with_cp', with_cp, self.num_stages)
         if not isinstance(frozen_stages, int) or frozen_stages > self.num_stages:
             raise ValueError(f'MogaNet: frozen_stages={frozen_stages!r} must be an int <= '
                              f'{self.num_stages} (-1 freezes nothing).')

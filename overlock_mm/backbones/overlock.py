@@ -26,7 +26,7 @@ from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerSc
 from ..layers.conv import conv_bn
 from ..layers.norm import GRN
 from ..registry import MODELS
-from ..utils.activation_checkpoint import checkpoint_block
+from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
 
 LAYOUTS = ('cls', 'seg', 'det')
@@ -42,17 +42,6 @@ def _stem(in_channels: int, dim: int) -> nn.Sequential:
         nn.Conv2d(half, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
         nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim),
     )
-
-
-def _per_resolution(name: str, flags: Union[bool, Sequence[bool]]) -> Tuple[bool, ...]:
-    """One flag for every resolution (stride 4, 8, 16, 32), from one flag or four."""
-    if isinstance(flags, bool):
-        return (flags,) * 4
-    flags = tuple(flags)
-    if len(flags) != 4 or not all(isinstance(f, (bool, int)) and f in (0, 1) for f in flags):
-        raise ValueError(f'OverLoCK: {name} must be a bool or 4 bools (strides 4, 8, 16, 32), '
-                         f'got {flags}.')
-    return tuple(bool(f) for f in flags)
 
 
 class FocusDownsample(nn.Module):
@@ -176,12 +165,13 @@ class OverLoCK(BaseModule):
         if len(ls_init_values) != 4:
             raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), got '
                              f'{tuple(ls_init_values)}.')
-        self.with_cp = _per_resolution('with_cp', with_cp)
+        self.with_cp = per_stage_flags('OverLoCK', 'with_cp', with_cp)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.drop_path_rate = drop_path_rate
         self.deploy = deploy
-        self.memory_efficient = _per_resolution('memory_efficient', memory_efficient)
+        self.memory_efficient = per_stage_flags('OverLoCK', 'memory_efficient',
+                                                memory_efficient)
         # Selective recomputation inside a block that is checkpointed whole would run it a third
         # time in backward and keep nothing less.
         lean = [me and not cp for me, cp in zip(self.memory_efficient, self.with_cp)]

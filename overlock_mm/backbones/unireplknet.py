@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers.norm import LayerNorm2d
 from ..layers.unirep import PLAIN_KERNELS, UNIREPLKNET_BRANCHES, UniRepLKNetBlock
 from ..registry import MODELS
-from ..utils.activation_checkpoint import checkpoint_block
+from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
 from ..utils.checkpoint import is_reparameterized
 from ._baseline_utils import (check_input, check_out_indices, load_released_weights,
                               pretrained_and_rest)
@@ -149,11 +149,7 @@ class UniRepLKNet(BaseModule):
             out_indices = (0, 1, 2, 3) if out_indices is None else out_indices
             self.out_indices = check_out_indices('UniRepLKNet', out_indices, self.num_stages,
                                                  'stages at strides 4/8/16/32')
-        if isinstance(with_cp, bool):
-            with_cp = (with_cp,) * self.num_stages
-        if len(with_cp) != self.num_stages:
-            raise ValueError(f'UniRepLKNet: with_cp must be a bool or 4 bools, got {with_cp}.')
-        self.with_cp = tuple(bool(c) for c in with_cp)
+        self.with_cp = per_stage_flags('UniRepLKNet', 'with_cp', with_cp, self.num_stages)
         if not isinstance(frozen_stages, int) or frozen_stages > self.num_stages:
             raise ValueError(f'UniRepLKNet: frozen_stages={frozen_stages!r} must be an int <= '
                              f'{self.num_stages} (-1 freezes nothing).')
