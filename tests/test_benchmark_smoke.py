@@ -2,6 +2,7 @@
 
 Not a timing test: it asserts only on structure and on the numerical cross-check the harness
 makes itself (every implementation's forward equals the reference within 1e-4)."""
+import contextlib
 import json
 import statistics
 
@@ -47,14 +48,64 @@ def test_measure_splits_op_calls_into_bursts():
     bench = load_benchmark()
     calls, between = [], []
     t, times, peak = bench.measure(lambda: calls.append(1), bench.torch.device('cpu'), warmup=2,
-                                   repeat=7, memory_call=True, bursts=3,
+                                   repeat=7, bursts=3,
                                    between=lambda: between.append(len(calls)))
     # 3 bursts of ceil(7 / 3) = 3 timed calls; warm-up 2, then 1 per later burst; memory call
     assert len(times) == 9 and len(between) == 2
     assert between == [2 + 3, 2 + 3 + 1 + 3]
     assert len(calls) == 2 + 3 + (1 + 3) * 2 + 1
-    with pytest.raises(ValueError, match='bursts'):
-        bench.measure(lambda: None, bench.torch.device('cpu'), 0, 1, bursts=2)
+
+
+def test_measure_times_outside_the_meters_allocator_mode(monkeypatch):
+    """Op level: every timed call runs with glibc reusing freed blocks; only the extra memory
+    call runs in the meter's mode (every block a fresh mmap, page faults on first touch)."""
+    bench = load_benchmark()
+    state = dict(reuse=False)
+    seen = []
+    monkeypatch.setattr(bench, 'malloc_reuse', _recording_reuse(state))
+    bench.measure(lambda: seen.append(state['reuse']), bench.torch.device('cpu'), warmup=1,
+                  repeat=2)
+    assert seen == [True, True, True, False]
+
+
+def _recording_reuse(state):
+    @contextlib.contextmanager
+    def reuse():
+        state['reuse'] = True
+        try:
+            yield
+        finally:
+            state['reuse'] = False
+    return reuse
+
+
+def test_model_level_measures_every_peak_before_any_timed_step(monkeypatch):
+    """A heap grown by timed steps (glibc reusing freed blocks) would serve the meter's later
+    large requests from its free chunks and keep them resident: every model's peak is taken
+    first, in the meter's mode, and each timed step runs with blocks reused, on a fresh model."""
+    bench = load_benchmark()
+    state = dict(reuse=False)
+    events = []
+
+    def fake_step(cfg, device):
+        built = len([e for e in events if e[0] == 'build'])
+        events.append(('build', cfg.name))
+        return lambda: events.append(('step', cfg.name, built, state['reuse']))
+
+    monkeypatch.setattr(bench, 'malloc_reuse', _recording_reuse(state))
+    monkeypatch.setattr(bench, 'model_step', fake_step)
+    args = bench.parse_args(['--models', '--modes', 'train', '--model-warmup', '1',
+                             '--model-repeat', '2', '--device', 'cpu'])
+    report = bench.run_models(args, bench.torch.device('cpu'))
+    steps = [e for e in events if e[0] == 'step']
+    n = len(report['configs'])
+    assert n >= 3 and len(steps) == n * (1 + 1 + 2)
+    peak_steps, timed_steps = steps[:n], steps[n:]
+    assert all(not reuse for *_, reuse in peak_steps)  # the meter's mode
+    assert all(reuse for *_, reuse in timed_steps)
+    # one fresh model per peak and per timing (the build index differs for each)
+    assert len({e[2] for e in steps}) == 2 * n
+    assert all(len(c['results']['times']) == 2 for c in report['configs'])
 
 
 def test_profile_step_prints_a_table():

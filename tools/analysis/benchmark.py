@@ -34,6 +34,9 @@ with and without ``with_cp=True`` (training), and with selective recomputation t
 (``memory_efficient=False``: what the default's lower memory costs in time). A training step is
 forward, ``sum(mean(out))``, backward and an SGD step (no momentum: no optimizer state). Both
 sides are the same network (``memory_efficient`` at its default) and differ only in the op.
+One step of every configuration is run first for its peak memory, in the meter's allocator mode
+(below); then each configuration's timed steps (by default one, on a freshly built model) run
+with glibc reusing freed blocks, as in a user's process (see ``run_models``).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` minus the allocation before the
 measured call. On CPU the peak resident set size of this process above the level before the
@@ -45,7 +48,7 @@ parameters) exist before the baseline is taken, so the figure is the working mem
 
 Usage::
 
-    python tools/analysis/benchmark.py                  # default: ~10 min on a 2-core CPU
+    python tools/analysis/benchmark.py                  # default: ~13 min on a 2-core CPU
     python tools/analysis/benchmark.py --ops --quick    # op level only, fewer repeats (~1 min)
     python tools/analysis/benchmark.py --models --variants t --tasks det --json out.json
     python tools/analysis/benchmark.py --models --modes train --cp-stages 1000 1100
@@ -92,7 +95,7 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union  # noqa: E402
 
 import torch  # noqa: E402
@@ -251,25 +254,19 @@ def malloc_reuse():
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int,
-            min_time: float = 0., memory_call: bool = False, bursts: int = 1,
+            min_time: float = 0., bursts: int = 1,
             between: Optional[Callable[[], object]] = None
             ) -> Tuple[float, List[float], Optional[int]]:
-    """Median time, all times and peak memory of ``fn``.
+    """Median time, all times and peak memory of an op-level call ``fn``.
 
-    By default the peak is over the warm-up and timed calls themselves (one-shot model steps).
-    With ``memory_call`` the calls are timed under :func:`malloc_reuse` and the peak comes from
-    one more call with the meter's allocator mode (op level: many short calls). There the calls
-    can be split into ``bursts`` (``repeat`` and ``min_time`` shared among them, one more warm-up
-    call each, ``between()`` run between two bursts) whose times are pooled: a neighbour on a
-    shared VM that slows the machine for a second then spoils a third of the calls, not the
-    median.
+    The calls are timed under :func:`malloc_reuse` (glibc reusing freed blocks, as in any
+    process that is not the memory meter) and the peak comes from one more call with the meter's
+    allocator mode (the model level orders its steps differently, see :func:`run_models`).
+    The calls can be split into ``bursts`` (``repeat`` and ``min_time`` shared among them, one
+    more warm-up call each, ``between()`` run between two bursts) whose times are pooled: a
+    neighbour on a shared VM that slows the machine for a second then spoils a third of the
+    calls, not the median.
     """
-    if not memory_call:
-        if bursts != 1:
-            raise ValueError('measure: bursts need memory_call=True (op-level calls)')
-        with PeakMemory(device) as mem:
-            times = time_it(fn, device, warmup, repeat, min_time)
-        return statistics.median(times), times, mem.peak
     times = []
     with malloc_reuse():  # once for all bursts: leaving it trims the heap
         for i in range(bursts):
@@ -527,9 +524,9 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     def record(name: str, fwds: List[Callable[[], object]], fwdbwds: List[Callable[[], object]],
                rep: int, mt: float, wu: int = warmup) -> None:
         bursts = 1 if name == 'reference' else FWD_BURSTS
-        t_f, ts_f, _ = measure(fwds[0], device, wu, rep, mt, memory_call=True, bursts=bursts,
+        t_f, ts_f, _ = measure(fwds[0], device, wu, rep, mt, bursts=bursts,
                                between=sample_bandwidth)
-        t_fb, ts_fb, mem = measure(fwdbwds[0], device, wu, rep, mt, memory_call=True)
+        t_fb, ts_fb, mem = measure(fwdbwds[0], device, wu, rep, mt)
         m = dict(fwd_s=t_f, fwd_times=ts_f, fwdbwd_s=t_fb, fwdbwd_times=ts_fb,
                  fwdbwd_peak_bytes=mem, timing='wall clock per call')
         if device.type == 'cuda':
@@ -744,13 +741,10 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
     return configs
 
 
-def bench_model(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int) -> dict:
-    """Throughput and peak memory of one backbone configuration."""
+def model_step(cfg: ModelConfig, device: torch.device) -> Callable[[], object]:
+    """A freshly built backbone's step (inference or training, see :class:`ModelConfig`)."""
     from overlock_mm import OverLoCK
     from overlock_mm.ops.dwconv import torch_depthwise
-    if cfg.torch_dwconv:
-        with torch_depthwise():
-            return bench_model(replace(cfg, torch_dwconv=False), device, warmup, repeat)
     torch.manual_seed(0)
     model = OverLoCK(cfg.variant, layout=LAYOUT[cfg.task], contmix_impl=cfg.impl,
                      with_cp=cfg.with_cp, memory_efficient=cfg.memory_efficient).to(device)
@@ -758,30 +752,65 @@ def bench_model(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int
         model.eval()
         model.switch_to_deploy()
     x = torch.randn(cfg.batch, 3, *cfg.size, device=device)
+    dwconv = torch_depthwise if cfg.torch_dwconv else contextlib.nullcontext
     if cfg.mode == 'infer':
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with dwconv(), torch.no_grad():
                 return model(x)
     else:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
         def step():
-            opt.zero_grad(set_to_none=True)
-            loss = sum(o.float().mean() for o in model(x))
-            loss.backward()
-            opt.step()
+            with dwconv():
+                opt.zero_grad(set_to_none=True)
+                loss = sum(o.float().mean() for o in model(x))
+                loss.backward()
+                opt.step()
 
-    t, times, peak = measure(step, device, warmup, repeat)
-    del model, x
+    return step
+
+
+def model_peak(cfg: ModelConfig, device: torch.device) -> Optional[int]:
+    """Peak memory of one step of a fresh model, in the meter's allocator mode."""
+    step = model_step(cfg, device)
+    with PeakMemory(device) as mem:
+        step()
+        synchronize(device)
+    del step
     gc.collect()
-    return dict(time_s=t, times=times, img_per_s=cfg.batch / t, peak_bytes=peak)
+    return mem.peak
+
+
+def model_time(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int) -> dict:
+    """Step times of a fresh model, with glibc reusing freed blocks (:func:`malloc_reuse`)."""
+    step = model_step(cfg, device)
+    with malloc_reuse():
+        times = time_it(step, device, warmup, repeat)
+        del step
+        gc.collect()
+    t = statistics.median(times)
+    return dict(time_s=t, times=times, img_per_s=cfg.batch / t)
 
 
 def run_models(args: argparse.Namespace, device: torch.device) -> dict:
-    """Model-level benchmark; prints one row per configuration."""
+    """Model-level benchmark; prints one row per configuration.
+
+    Two passes over the configurations: first one step of each for its peak memory, then the
+    timed steps. On a CPU the meter needs glibc to hand every freed tensor back to the OS
+    (``MALLOC_MMAP_THRESHOLD_``, module docstring), a mode in which every tensor is a fresh
+    ``mmap`` whose pages fault in on first touch -- no user's process runs like that, so steps
+    are timed with glibc reusing freed blocks (:func:`malloc_reuse`). But a heap that has grown
+    that way serves later large requests from its free chunks instead of ``mmap``, and then keeps
+    them: measured on the 2-core VM, a ``with_cp=True`` training step read 1231 MB, and 1528 MB
+    right after one timed step (the heap then held 2.3 GB of free chunks). Hence every
+    measurement of memory comes before the first timed step. Until the night of 2026-11-28 each
+    step was timed in the meter's mode: an OverLoCK-T detection training step took 30.7 s there
+    (13.1 M page faults) against 18.4 s with glibc's defaults (4.6 M), the reference 72 s
+    against 51 s.
+    """
     variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])
     tasks = args.tasks or (['cls', 'det', 'seg'] if args.full else ['det'])
     cp_stages = [tuple(c == '1' for c in flags) for flags in args.cp_stages or ()]
@@ -789,16 +818,22 @@ def run_models(args: argparse.Namespace, device: torch.device) -> dict:
                             args.torch_dwconv, args.dense_batch)
     warmup = args.model_warmup
     repeat = args.model_repeat
-    print(f'\n== Model level: backbone only, {len(configs)} configurations, warm-up {warmup}, '
-          f'median of {repeat} ==')
+    print(f'\n== Model level: backbone only, {len(configs)} configurations; peak memory: one '
+          f'step each; then time: warm-up {warmup}, median of {repeat} ==')
+    peaks = []
+    for cfg in configs:
+        peaks.append(model_peak(cfg, device))
+        mb = f'{peaks[-1] / 2**20:.0f} MB' if peaks[-1] is not None else 'n/a'
+        print(f'  peak memory of {cfg.name}: {mb}')
+        sys.stdout.flush()
     print(f'  {"configuration":58} {"time s":>9} {"img/s":>8} {"peak MB":>9}')
     rows = []
-    for cfg in configs:
-        cfg.results = bench_model(cfg, device, warmup, repeat)
-        cfg.results['loadavg_after'] = _loadavg()
+    for cfg, peak in zip(configs, peaks):
+        cfg.results = dict(model_time(cfg, device, warmup, repeat), peak_bytes=peak,
+                           loadavg_after=_loadavg())
         r = cfg.results
-        peak = f'{r["peak_bytes"] / 2**20:9.0f}' if r['peak_bytes'] is not None else f'{"n/a":>9}'
-        print(f'  {cfg.name:58} {r["time_s"]:9.3f} {r["img_per_s"]:8.2f} {peak}')
+        mb = f'{peak / 2**20:9.0f}' if peak is not None else f'{"n/a":>9}'
+        print(f'  {cfg.name:58} {r["time_s"]:9.3f} {r["img_per_s"]:8.2f} {mb}')
         sys.stdout.flush()
         rows.append(asdict(cfg))
     return dict(configs=rows)
