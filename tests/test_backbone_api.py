@@ -52,11 +52,28 @@ def test_caller_arch_dict_not_mutated():
     assert arch == TINY and arch['mlp_ratio'] == 4
 
 
+def test_parsed_arch_shares_no_list_with_the_settings_table():
+    parsed = OverLoCK._parse_arch('t')
+    parsed['depths'].append(99)
+    assert OverLoCK.arch_settings['t']['depths'][-1] != 99
+
+
+def test_out_indices_come_back_in_increasing_order():
+    model = OverLoCK(dict(TINY), layout='det', out_indices=(3, -5, 0))
+    assert model.out_indices == (0, 3)
+    outs = model.eval()(torch.zeros(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [model.out_channels[0], model.out_channels[3]]
+
+
 def test_bad_layout_and_out_indices():
     with pytest.raises(ValueError, match="unknown layout 'detection'"):
         OverLoCK(dict(TINY), layout='detection')
-    with pytest.raises(ValueError, match='out_indices'):
+    with pytest.raises(ValueError, match=r'out_indices \(0, 5\) has 5; valid indices are 0-4'):
         OverLoCK(dict(TINY), out_indices=(0, 5))
+    with pytest.raises(ValueError, match='has True'):  # a bool is not an index
+        OverLoCK(dict(TINY), out_indices=(True,))
+    with pytest.raises(ValueError, match='non-empty sequence'):
+        OverLoCK(dict(TINY), out_indices=())
     with pytest.raises(ValueError, match='frozen_stages=6'):
         OverLoCK(dict(TINY), frozen_stages=6)
 

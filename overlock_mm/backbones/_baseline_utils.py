@@ -11,7 +11,6 @@ released weights and their layer-wise learning-rate decay.
 import json
 from typing import Callable, Iterable, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 from mmengine.dist import get_dist_info
 from mmengine.logging import MMLogger
@@ -152,25 +151,3 @@ class BackboneLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def check_out_indices(cls_name: str, out_indices, num: int, what: str) -> Tuple[int, ...]:
-    """Normalise ``out_indices`` (int or sequence, negatives allowed) or raise ValueError."""
-    if isinstance(out_indices, int):
-        out_indices = (out_indices,)
-    if not isinstance(out_indices, (list, tuple)) or not out_indices:
-        raise ValueError(f'{cls_name}: out_indices must be an int or a non-empty sequence of '
-                         f'ints, got {out_indices!r}.')
-    for i in out_indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -num <= i < num:
-            raise ValueError(f'{cls_name}: out_indices {tuple(out_indices)} has {i!r}; valid '
-                             f'indices are 0-{num - 1} ({what}).')
-    return tuple(sorted({i % num for i in out_indices}))
-
-
-def check_input(cls_name: str, x, in_channels: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'{cls_name} expects a torch.Tensor, got {type(x).__name__}.')
-    if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f'{cls_name} expects an NCHW tensor with {in_channels} channels, got '
-                         f'shape {tuple(x.shape)}.')

@@ -24,8 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers.moga import MogaBlock
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
-from ._baseline_utils import (check_input, check_out_indices, load_released_weights,
-                              pretrained_and_rest)
+from ._baseline_utils import load_released_weights, pretrained_and_rest
+from ._checks import check_input, check_out_indices, select_arch
 
 ARCH_FIELDS = ('embed_dims', 'depths', 'ffn_ratios')
 
@@ -159,25 +159,7 @@ class MogaNet(BaseModule):
 
     @classmethod
     def _parse_arch(cls, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            key = cls.arch_aliases.get(arch.lower(), arch.lower())
-            if key not in cls.arch_settings:
-                valid = sorted(cls.arch_settings) + sorted(cls.arch_aliases)
-                raise ValueError(f"MogaNet: unknown arch '{arch}'; valid names: "
-                                 f"{', '.join(valid)}, or a dict with keys "
-                                 f"{', '.join(ARCH_FIELDS)}.")
-            arch = cls.arch_settings[key]
-        elif not isinstance(arch, dict):
-            raise TypeError(f'MogaNet: arch must be a str or dict, got {type(arch).__name__}.')
-        missing = [f for f in ARCH_FIELDS if f not in arch]
-        if missing:
-            raise ValueError(f'MogaNet: arch dict is missing {", ".join(missing)} '
-                             f'(required keys: {", ".join(ARCH_FIELDS)}).')
-        unknown = sorted(set(arch) - set(ARCH_FIELDS))
-        if unknown:
-            raise ValueError(f'MogaNet: arch dict has unknown keys {", ".join(unknown)} '
-                             f'(valid keys: {", ".join(ARCH_FIELDS)}).')
-        arch = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()}
+        arch = select_arch('MogaNet', arch, cls.arch_settings, cls.arch_aliases, ARCH_FIELDS)
         for field in ARCH_FIELDS:
             if not isinstance(arch[field], list) or len(arch[field]) != 4:
                 raise ValueError(f'MogaNet: arch field {field} must be a list of 4 numbers, '

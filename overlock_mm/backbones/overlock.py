@@ -28,6 +28,7 @@ from ..layers.norm import GRN
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
+from ._checks import check_input, check_out_indices, select_arch
 
 LAYOUTS = ('cls', 'seg', 'det')
 ARCH_FIELDS = ('depths', 'sub_depths', 'embed_dims', 'kernel_sizes', 'num_heads', 'mlp_ratio',
@@ -69,7 +70,8 @@ class OverLoCK(BaseModule):
         layout (str): ``'cls'``, ``'seg'`` or ``'det'`` (see the module docstring).
             Defaults to ``'cls'``.
         in_channels (int): input channels. Defaults to 3.
-        out_indices (Sequence[int], optional): outputs to return. 0-3 are the stride 4/8/16/32
+        out_indices (int | Sequence[int], optional): outputs to return, in increasing order
+            (negative ones count from the end: -1 is 4). 0-3 are the stride 4/8/16/32
             features (normalised by ``extra_norm`` in the dense layouts); 4 is the Overview-Net's
             raw stride-32 context (input of the classification aux head). Defaults to ``(3,)``
             for ``'cls'`` and ``(0, 1, 2, 3)`` otherwise.
@@ -153,14 +155,9 @@ class OverLoCK(BaseModule):
 
         if out_indices is None:
             out_indices = (3,) if layout == 'cls' else (0, 1, 2, 3)
-        if isinstance(out_indices, int):
-            out_indices = (out_indices,)
-        out_indices = tuple(out_indices)
-        for i in out_indices:
-            if not isinstance(i, int) or not -self.num_out_levels <= i < self.num_out_levels:
-                raise ValueError(f'OverLoCK: out_indices {out_indices} has {i!r}; valid indices are '
-                                 '0-3 (stride 4/8/16/32 features) and 4 (overview context).')
-        self.out_indices = tuple(i % self.num_out_levels for i in out_indices)
+        self.out_indices = check_out_indices(
+            'OverLoCK', out_indices, self.num_out_levels,
+            '0-3: stride 4/8/16/32 features, 4: the overview context')
 
         if len(ls_init_values) != 4:
             raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), got '
@@ -218,24 +215,7 @@ class OverLoCK(BaseModule):
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def _parse_arch(cls, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            key = cls.arch_aliases.get(arch.lower(), arch.lower())
-            if key not in cls.arch_settings:
-                valid = sorted(cls.arch_settings) + sorted(cls.arch_aliases)
-                raise ValueError(f"OverLoCK: unknown arch '{arch}'; valid names: "
-                                 f"{', '.join(valid)}, or a dict with keys {', '.join(ARCH_FIELDS)}.")
-            arch = cls.arch_settings[key]
-        elif not isinstance(arch, dict):
-            raise TypeError(f'OverLoCK: arch must be a str or dict, got {type(arch).__name__}.')
-        missing = [f for f in ARCH_FIELDS if f not in arch]
-        if missing:
-            raise ValueError(f'OverLoCK: arch dict is missing {", ".join(missing)} '
-                             f'(required keys: {", ".join(ARCH_FIELDS)}).')
-        unknown = sorted(set(arch) - set(ARCH_FIELDS))
-        if unknown:
-            raise ValueError(f'OverLoCK: arch dict has unknown keys {", ".join(unknown)} '
-                             f'(valid keys: {", ".join(ARCH_FIELDS)}).')
-        arch = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
+        arch = select_arch('OverLoCK', arch, cls.arch_settings, cls.arch_aliases, ARCH_FIELDS)
         for field, n in (('mlp_ratio', 4), ('sub_mlp_ratio', 2)):
             if isinstance(arch[field], (int, float)):
                 arch[field] = [arch[field]] * n  # one ratio for every stage
@@ -275,15 +255,8 @@ class OverLoCK(BaseModule):
                 args = (out,)
         return args
 
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'OverLoCK expects a torch.Tensor, got {type(x).__name__}.')
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f'OverLoCK expects an NCHW tensor with {self.in_channels} channels, '
-                             f'got shape {tuple(x.shape)}.')
-
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self._check_input(x)
+        check_input('OverLoCK', x, self.in_channels)
         dense = self.layout != 'cls'
         outs = {}
         x = self.patch_embed1(x)

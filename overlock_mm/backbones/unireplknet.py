@@ -37,8 +37,8 @@ from ..layers.unirep import PLAIN_KERNELS, UNIREPLKNET_BRANCHES, UniRepLKNetBloc
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
 from ..utils.checkpoint import is_reparameterized
-from ._baseline_utils import (check_input, check_out_indices, load_released_weights,
-                              pretrained_and_rest)
+from ._baseline_utils import load_released_weights, pretrained_and_rest
+from ._checks import check_input, check_out_indices, select_arch
 
 LAYOUTS = ('cls', 'dense')
 ARCH_FIELDS = ('depths', 'dims')
@@ -185,27 +185,9 @@ class UniRepLKNet(BaseModule):
 
     @classmethod
     def _parse_arch(cls, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            key = cls.arch_aliases.get(arch.lower(), arch.lower())
-            if key not in cls.arch_settings:
-                valid = sorted(cls.arch_settings) + sorted(cls.arch_aliases)
-                raise ValueError(f"UniRepLKNet: unknown arch '{arch}'; valid names: "
-                                 f"{', '.join(valid)}, or a dict with keys "
-                                 f"{', '.join(ARCH_FIELDS)} "
-                                 f"(and optionally {', '.join(ARCH_OPTIONAL)}).")
-            arch = cls.arch_settings[key]
-        elif not isinstance(arch, dict):
-            raise TypeError(f'UniRepLKNet: arch must be a str or dict, got {type(arch).__name__}.')
-        missing = [f for f in ARCH_FIELDS if f not in arch]
-        if missing:
-            raise ValueError(f'UniRepLKNet: arch dict is missing {", ".join(missing)} '
-                             f'(required keys: {", ".join(ARCH_FIELDS)}).')
-        unknown = sorted(set(arch) - set(ARCH_FIELDS) - set(ARCH_OPTIONAL))
-        if unknown:
-            raise ValueError(f'UniRepLKNet: arch dict has unknown keys {", ".join(unknown)} '
-                             f'(valid keys: {", ".join(ARCH_FIELDS + ARCH_OPTIONAL)}).')
-        out = {k: list(arch[k]) if isinstance(arch[k], (list, tuple)) else arch[k]
-               for k in ARCH_FIELDS}
+        arch = select_arch('UniRepLKNet', arch, cls.arch_settings, cls.arch_aliases, ARCH_FIELDS,
+                           ARCH_OPTIONAL)
+        out = {k: arch[k] for k in ARCH_FIELDS}
         for field in ARCH_FIELDS:
             if not isinstance(out[field], list) or len(out[field]) != 4 or \
                     not all(isinstance(v, int) and v > 0 for v in out[field]):

@@ -1,0 +1,63 @@
+"""Constructor and input checks shared by the backbones (OverLoCK, MogaNet, UniRepLKNet).
+
+Each raises with the backbone's name, what was given and what is valid, so a config typo reads
+as what to fix rather than as a traceback from deep inside the model.
+"""
+from typing import Mapping, Sequence, Tuple, Union
+
+import torch
+
+
+def select_arch(owner: str, arch: Union[str, dict], settings: Mapping[str, dict],
+                aliases: Mapping[str, str], required: Sequence[str],
+                optional: Sequence[str] = ()) -> dict:
+    """The arch dict named by ``arch`` (a key of ``settings`` or of ``aliases``, any case), or
+    ``arch`` itself, checked for missing and unknown keys.
+
+    Returns a new dict whose list and tuple values are new lists: neither the caller's dict nor
+    the class's ``settings`` can be changed through it. The per-field checks stay with each
+    backbone.
+    """
+    if isinstance(arch, str):
+        key = aliases.get(arch.lower(), arch.lower())
+        if key not in settings:
+            valid = sorted(settings) + sorted(aliases)
+            extra = f" (and optionally {', '.join(optional)})" if optional else ''
+            raise ValueError(f"{owner}: unknown arch '{arch}'; valid names: {', '.join(valid)}, "
+                             f"or a dict with keys {', '.join(required)}{extra}.")
+        arch = settings[key]
+    elif not isinstance(arch, dict):
+        raise TypeError(f'{owner}: arch must be a str or dict, got {type(arch).__name__}.')
+    missing = [f for f in required if f not in arch]
+    if missing:
+        raise ValueError(f'{owner}: arch dict is missing {", ".join(missing)} '
+                         f'(required keys: {", ".join(required)}).')
+    unknown = sorted(set(arch) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(f'{owner}: arch dict has unknown keys {", ".join(unknown)} '
+                         f'(valid keys: {", ".join(tuple(required) + tuple(optional))}).')
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()}
+
+
+def check_out_indices(owner: str, out_indices, num: int, what: str) -> Tuple[int, ...]:
+    """Normalise ``out_indices`` (int or sequence, negatives allowed) to sorted unique indices
+    in ``range(num)``, or raise ValueError; ``what`` says what the indices select."""
+    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+        out_indices = (out_indices,)
+    if not isinstance(out_indices, (list, tuple)) or not out_indices:
+        raise ValueError(f'{owner}: out_indices must be an int or a non-empty sequence of '
+                         f'ints, got {out_indices!r}.')
+    for i in out_indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -num <= i < num:
+            raise ValueError(f'{owner}: out_indices {tuple(out_indices)} has {i!r}; valid '
+                             f'indices are 0-{num - 1} ({what}).')
+    return tuple(sorted({i % num for i in out_indices}))
+
+
+def check_input(owner: str, x, in_channels: int) -> None:
+    """``x`` must be an NCHW tensor with ``in_channels`` channels."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'{owner} expects a torch.Tensor, got {type(x).__name__}.')
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f'{owner} expects an NCHW tensor with {in_channels} channels, got '
+                         f'shape {tuple(x.shape)}.')
