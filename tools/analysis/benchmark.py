@@ -48,7 +48,7 @@ parameters) exist before the baseline is taken, so the figure is the working mem
 
 Usage::
 
-    python tools/analysis/benchmark.py                  # default: ~13 min on a 2-core CPU
+    python tools/analysis/benchmark.py                  # default: ~11 min on a 2-core CPU
     python tools/analysis/benchmark.py --ops --quick    # op level only, fewer repeats (~1 min)
     python tools/analysis/benchmark.py --models --variants t --tasks det --json out.json
     python tools/analysis/benchmark.py --models --modes train --cp-stages 1000 1100
