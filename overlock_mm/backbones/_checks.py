@@ -54,6 +54,20 @@ def check_out_indices(owner: str, out_indices, num: int, what: str) -> Tuple[int
     return tuple(sorted({i % num for i in out_indices}))
 
 
+def per_stage_flags(owner: str, name: str, flags: Union[bool, Sequence[bool]],
+                    num_stages: int = 4) -> Tuple[bool, ...]:
+    """``with_cp`` / ``memory_efficient`` as one flag per stage (stride 4, 8, 16, 32), from one
+    flag or one per stage; anything else raises a ValueError naming ``owner`` and ``name``."""
+    if isinstance(flags, bool):
+        return (flags,) * num_stages
+    flags = tuple(flags) if isinstance(flags, (list, tuple)) else (flags,)
+    if len(flags) != num_stages or not all(isinstance(f, (bool, int)) and f in (0, 1)
+                                           for f in flags):
+        raise ValueError(f'{owner}: {name} must be a bool or {num_stages} bools (strides 4, 8, '
+                         f'16, 32), got {flags}.')
+    return tuple(bool(f) for f in flags)
+
+
 def check_input(owner: str, x, in_channels: int) -> None:
     """``x`` must be an NCHW tensor with ``in_channels`` channels."""
     if not isinstance(x, torch.Tensor):

@@ -23,9 +23,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.moga import MogaBlock
 from ..registry import MODELS
-from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
+from ..utils.activation_checkpoint import checkpoint_block
 from ._baseline_utils import load_released_weights, pretrained_and_rest
-from ._checks import check_input, check_out_indices, select_arch
+from ._checks import check_input, check_out_indices, per_stage_flags, select_arch
 
 ARCH_FIELDS = ('embed_dims', 'depths', 'ffn_ratios')
 

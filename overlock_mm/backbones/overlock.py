@@ -26,9 +26,9 @@ from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerSc
 from ..layers.conv import conv_bn
 from ..layers.norm import GRN
 from ..registry import MODELS
-from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
+from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
-from ._checks import check_input, check_out_indices, select_arch
+from ._checks import check_input, check_out_indices, per_stage_flags, select_arch
 
 LAYOUTS = ('cls', 'seg', 'det')
 ARCH_FIELDS = ('depths', 'sub_depths', 'embed_dims', 'kernel_sizes', 'num_heads', 'mlp_ratio',

@@ -35,10 +35,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers.norm import LayerNorm2d
 from ..layers.unirep import PLAIN_KERNELS, UNIREPLKNET_BRANCHES, UniRepLKNetBlock
 from ..registry import MODELS
-from ..utils.activation_checkpoint import checkpoint_block, per_stage_flags
+from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import is_reparameterized
 from ._baseline_utils import load_released_weights, pretrained_and_rest
-from ._checks import check_input, check_out_indices, select_arch
+from ._checks import check_input, check_out_indices, per_stage_flags, select_arch
 
 LAYOUTS = ('cls', 'dense')
 ARCH_FIELDS = ('depths', 'dims')

@@ -25,7 +25,7 @@ repeat); the short ranges skip that and refuse layers that draw random numbers (
 """
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -216,20 +216,6 @@ def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Ten
             raise ValueError(f'checkpoint_layers: {type(m).__name__} draws random numbers, '
                              'which the recomputation would not repeat; use checkpoint_block.')
     return _recompute(functools.partial(_run_layers, layers), subs, (x,), preserve_rng=False)
-
-
-def per_stage_flags(owner: str, name: str, flags: Union[bool, Sequence[bool]],
-                    num_stages: int = 4) -> Tuple[bool, ...]:
-    """``with_cp`` / ``memory_efficient`` as one flag per stage (stride 4, 8, 16, 32), from one
-    flag or one per stage; anything else raises a ValueError naming ``owner`` and ``name``."""
-    if isinstance(flags, bool):
-        return (flags,) * num_stages
-    flags = tuple(flags) if isinstance(flags, (list, tuple)) else (flags,)
-    if len(flags) != num_stages or not all(isinstance(f, (bool, int)) and f in (0, 1)
-                                           for f in flags):
-        raise ValueError(f'{owner}: {name} must be a bool or {num_stages} bools (strides 4, 8, '
-                         f'16, 32), got {flags}.')
-    return tuple(bool(f) for f in flags)
 
 
 def sequential_with_recompute(seq: nn.Sequential, x: torch.Tensor,
