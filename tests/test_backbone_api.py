@@ -74,8 +74,12 @@ def test_bad_layout_and_out_indices():
         OverLoCK(dict(TINY), out_indices=(True,))
     with pytest.raises(ValueError, match='non-empty sequence'):
         OverLoCK(dict(TINY), out_indices=())
-    with pytest.raises(ValueError, match='frozen_stages=6'):
+    with pytest.raises(ValueError, match=r'frozen_stages=6 must be an int from -1 to 5: .*'
+                                         r'Overview-Net: patch_embed4'):
         OverLoCK(dict(TINY), frozen_stages=6)
+    for bad in (-2, True, '1'):  # a bool or a str compared with ints before
+        with pytest.raises(ValueError, match=f'frozen_stages={bad!r}'):
+            OverLoCK(dict(TINY), frozen_stages=bad)
 
 
 def test_bad_inputs():
@@ -145,6 +149,10 @@ def test_frozen_stages_and_norm_eval():
     assert model.blocks3.training
     bns = [m for m in model.sub_blocks3.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)  # norm_eval
+    # A runner's later model.eval() / model.train() round trip keeps them frozen.
+    model.eval().train()
+    assert not model.blocks2.training and model.blocks3.training
+    assert all(not m.training for m in bns)
     # A training step leaves frozen weights untouched.
     before = model.blocks1[0].proj[4].weight.clone()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -120,6 +120,9 @@ def test_bad_out_indices_frozen_stages_with_cp(cls):
         cls(out_indices=())
     with pytest.raises(ValueError, match='frozen_stages=5'):
         cls(frozen_stages=5)
+    for bad in (-2, True, '2', 1.0):  # an int from -1 to 4, nothing that merely compares as one
+        with pytest.raises(ValueError, match=f'frozen_stages={bad!r} must be an int from -1 to 4'):
+            cls(frozen_stages=bad)
     with pytest.raises(ValueError, match='with_cp must be a bool or 4 bools'):
         cls(with_cp=(True, False))
 

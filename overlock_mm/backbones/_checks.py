@@ -68,6 +68,18 @@ def per_stage_flags(owner: str, name: str, flags: Union[bool, Sequence[bool]],
     return tuple(bool(f) for f in flags)
 
 
+def check_frozen_stages(owner: str, frozen_stages, parts: Sequence[str]) -> int:
+    """``frozen_stages`` must be an int from -1 to ``len(parts)``; ``parts`` names what each
+    stage freezes, in order, for the error message."""
+    n = len(parts)
+    if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or \
+            not -1 <= frozen_stages <= n:
+        raise ValueError(f'{owner}: frozen_stages={frozen_stages!r} must be an int from -1 to '
+                         f'{n}: -1 or 0 freezes nothing, n freezes the first n of '
+                         f'[{"; ".join(parts)}].')
+    return frozen_stages
+
+
 def check_input(owner: str, x, in_channels: int) -> None:
     """``x`` must be an NCHW tensor with ``in_channels`` channels."""
     if not isinstance(x, torch.Tensor):

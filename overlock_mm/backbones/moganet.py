@@ -25,7 +25,9 @@ from ..layers.moga import MogaBlock
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ._baseline_utils import load_released_weights, pretrained_and_rest
-from ._checks import check_input, check_out_indices, per_stage_flags, select_arch
+from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
+                      select_arch)
+from ._freezing import FrozenStagesMixin
 
 ARCH_FIELDS = ('embed_dims', 'depths', 'ffn_ratios')
 
@@ -66,7 +68,7 @@ class ConvDownsample(nn.Module):
 
 
 @MODELS.register_module()
-class MogaNet(BaseModule):
+class MogaNet(FrozenStagesMixin, BaseModule):
     """MogaNet backbone with the dense-pyramid outputs of the authors' ``fork_feat`` model.
 
     Args:
@@ -132,10 +134,9 @@ class MogaNet(BaseModule):
         self.out_indices = check_out_indices('MogaNet', out_indices, self.num_stages,
                                              'stages at strides 4/8/16/32')
         self.with_cp = per_stage_flags('MogaNet', 'with_cp', with_cp, self.num_stages)
-        if not isinstance(frozen_stages, int) or frozen_stages > self.num_stages:
-            raise ValueError(f'MogaNet: frozen_stages={frozen_stages!r} must be an int <= '
-                             f'{self.num_stages} (-1 freezes nothing).')
-        self.frozen_stages = frozen_stages
+        self.frozen_stages = check_frozen_stages(
+            'MogaNet', frozen_stages,
+            [f'patch_embed{i} + blocks{i} + norm{i}' for i in range(1, self.num_stages + 1)])
         self.norm_eval = norm_eval
 
         total = sum(depths)
@@ -187,22 +188,10 @@ class MogaNet(BaseModule):
         return tuple(outs)
 
     # ------------------------------------------------------------------- training behaviour
-    def _freeze_stages(self) -> None:
-        for i in range(max(self.frozen_stages, 0)):
-            for name in (f'patch_embed{i + 1}', f'blocks{i + 1}', f'norm{i + 1}'):
-                m = getattr(self, name)
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'MogaNet':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
+    def _stage_modules(self) -> List[List[nn.Module]]:
+        """The parts ``frozen_stages`` counts: each stage's patch embedding, blocks and norm."""
+        return [[getattr(self, f'{name}{i}') for name in ('patch_embed', 'blocks', 'norm')]
+                for i in range(1, self.num_stages + 1)]
 
     # -------------------------------------------------------------- optimiser (layer decay)
     @staticmethod

@@ -24,15 +24,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerScale, RepConvBlock
 from ..layers.conv import conv_bn
-from ..layers.norm import GRN
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
-from ._checks import check_input, check_out_indices, per_stage_flags, select_arch
+from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
+                      select_arch)
+from ._freezing import FrozenStagesMixin
 
 LAYOUTS = ('cls', 'seg', 'det')
 ARCH_FIELDS = ('depths', 'sub_depths', 'embed_dims', 'kernel_sizes', 'num_heads', 'mlp_ratio',
                'sub_mlp_ratio')
+#: what ``frozen_stages = 1 .. 5`` freezes, part by part (:meth:`OverLoCK._stage_modules`)
+FROZEN_PARTS = ('stem + blocks1 (+ extra_norm.0)', 'patch_embed2 + blocks2 (+ extra_norm.1)',
+                'patch_embed3 + blocks3', 'Overview-Net: patch_embed4, blocks4, high_level_proj',
+                'Focus-Net: sub_blocks3, patch_embedx, sub_blocks4 (+ extra_norm.2-4, h_proj)')
 
 
 def _stem(in_channels: int, dim: int) -> nn.Sequential:
@@ -58,7 +63,7 @@ class FocusDownsample(nn.Module):
 
 
 @MODELS.register_module()
-class OverLoCK(BaseModule):
+class OverLoCK(FrozenStagesMixin, BaseModule):
     """OverLoCK backbone.
 
     Args:
@@ -163,7 +168,7 @@ class OverLoCK(BaseModule):
             raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), got '
                              f'{tuple(ls_init_values)}.')
         self.with_cp = per_stage_flags('OverLoCK', 'with_cp', with_cp)
-        self.frozen_stages = frozen_stages
+        self.frozen_stages = check_frozen_stages('OverLoCK', frozen_stages, FROZEN_PARTS)
         self.norm_eval = norm_eval
         self.drop_path_rate = drop_path_rate
         self.deploy = deploy
@@ -310,26 +315,6 @@ class OverLoCK(BaseModule):
         if hasattr(self, 'h_proj'):
             parts[4].append(self.h_proj)
         return parts
-
-    def _freeze_stages(self) -> None:
-        parts = self._stage_modules()
-        if self.frozen_stages > len(parts):
-            raise ValueError(f'OverLoCK: frozen_stages={self.frozen_stages} but there are only '
-                             f'{len(parts)} parts to freeze (-1 freezes nothing).')
-        for modules in parts[:max(self.frozen_stages, 0)]:
-            for m in modules:
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'OverLoCK':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
 
     def switch_to_deploy(self) -> None:
         """Fuse every DilatedReparamBlock into one large-kernel conv (``*_reparam.pth`` layout)."""

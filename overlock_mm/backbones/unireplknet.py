@@ -38,7 +38,9 @@ from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import is_reparameterized
 from ._baseline_utils import load_released_weights, pretrained_and_rest
-from ._checks import check_input, check_out_indices, per_stage_flags, select_arch
+from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
+                      select_arch)
+from ._freezing import FrozenStagesMixin
 
 LAYOUTS = ('cls', 'dense')
 ARCH_FIELDS = ('depths', 'dims')
@@ -71,7 +73,7 @@ def default_kernel_sizes(depths: Sequence[int]) -> List[List[int]]:
 
 
 @MODELS.register_module()
-class UniRepLKNet(BaseModule):
+class UniRepLKNet(FrozenStagesMixin, BaseModule):
     """UniRepLKNet backbone.
 
     Args:
@@ -150,10 +152,10 @@ class UniRepLKNet(BaseModule):
             self.out_indices = check_out_indices('UniRepLKNet', out_indices, self.num_stages,
                                                  'stages at strides 4/8/16/32')
         self.with_cp = per_stage_flags('UniRepLKNet', 'with_cp', with_cp, self.num_stages)
-        if not isinstance(frozen_stages, int) or frozen_stages > self.num_stages:
-            raise ValueError(f'UniRepLKNet: frozen_stages={frozen_stages!r} must be an int <= '
-                             f'{self.num_stages} (-1 freezes nothing).')
-        self.frozen_stages = frozen_stages
+        self.frozen_stages = check_frozen_stages(
+            'UniRepLKNet', frozen_stages,
+            [f'downsample_layers.{i} + stages.{i}' + (f' + norm{i}' if layout == 'dense' else '')
+             for i in range(self.num_stages)])
         self.norm_eval = norm_eval
         self.deploy = deploy
         self.drop_path_rate = drop_path_rate
@@ -230,24 +232,12 @@ class UniRepLKNet(BaseModule):
         return tuple(outs)
 
     # ------------------------------------------------------------------- training behaviour
-    def _freeze_stages(self) -> None:
-        for i in range(max(self.frozen_stages, 0)):
-            modules = [self.downsample_layers[i], self.stages[i]]
-            if self.layout == 'dense':
-                modules.append(getattr(self, f'norm{i}'))
-            for m in modules:
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'UniRepLKNet':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
+    def _stage_modules(self) -> List[List[nn.Module]]:
+        """The parts ``frozen_stages`` counts: each stage's downsampling, blocks and (dense
+        layout) output norm."""
+        return [[self.downsample_layers[i], self.stages[i]]
+                + ([getattr(self, f'norm{i}')] if self.layout == 'dense' else [])
+                for i in range(self.num_stages)]
 
     def switch_to_deploy(self) -> None:
         """Re-parameterise every block (eval-mode BN statistics): dilated branches, BNs, the GRN
