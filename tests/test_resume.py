@@ -28,7 +28,7 @@ def run(train, tmp_path, iters, resume=None):
         'default_hooks.checkpoint.interval': 2,
         'default_hooks.checkpoint.max_keep_ckpts': 3,
     }
-    args = Namespace(config=str(ROOT / 'configs/demo/overlock-xt_demo.py'),
+    args = Namespace(config=str(ROOT / 'configs/demo/overlock-xt_demo.py'), skip_data_check=False,
                      work_dir=str(tmp_path / 'work'), resume=resume, amp=False,
                      auto_scale_lr=False, cfg_options=opts, launcher='none')
     runner = Runner.from_cfg(train.build_cfg(args))

@@ -21,6 +21,7 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import overlock_mm  # noqa: F401,E402
+from overlock_mm.utils.data_check import check_data_paths  # noqa: E402
 from overlock_mm.utils.runtime import adapt_to_cpu  # noqa: E402
 
 
@@ -47,6 +48,8 @@ def parse_args():
                         help='override config settings')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--skip-data-check', action='store_true',
+                        help='do not check that the dataset paths exist before building the run')
     args = parser.parse_args()
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
@@ -66,6 +69,8 @@ def main():
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_visualization(cfg, args.show_dir)
+    if not args.skip_data_check:
+        check_data_paths(cfg, 'test')
     cfg = adapt_to_cpu(cfg, args.launcher)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out:

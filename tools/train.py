@@ -22,6 +22,7 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import overlock_mm  # noqa: F401,E402  (registers modules and the safe-load allow-list)
+from overlock_mm.utils.data_check import check_data_paths  # noqa: E402
 from overlock_mm.utils.runtime import adapt_to_cpu  # noqa: E402
 
 
@@ -39,6 +40,8 @@ def parse_args():
                         help='override config settings, e.g. train_dataloader.batch_size=4')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--skip-data-check', action='store_true',
+                        help='do not check that the dataset paths exist before building the run')
     args = parser.parse_args()
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
@@ -71,6 +74,8 @@ def build_cfg(args) -> Config:
         if not osp.isfile(args.resume):
             raise FileNotFoundError(f'--resume checkpoint {args.resume!r} not found.')
         cfg.resume, cfg.load_from = True, args.resume
+    if not args.skip_data_check:
+        check_data_paths(cfg, 'train')
     return adapt_to_cpu(cfg, args.launcher)
 
 
