@@ -1,8 +1,9 @@
 """overlock-mm: the OverLoCK ConvNet backbone (CVPR 2025) for the OpenMMLab 2.x stack.
 
 Importing the package registers ``OverLoCK`` (and, when mmpretrain is installed,
-``OverLoCKClsHead`` and ``OverLoCKClassifier``) in mmengine's root ``MODELS`` registry, which mmdet, mmseg and mmpretrain
-all fall back to: use ``custom_imports = dict(imports=['overlock_mm'], allow_failed_imports=False)``.
+``OverLoCKClsHead`` and ``OverLoCKClassifier``) in mmengine's root ``MODELS`` registry, which
+mmdet, mmseg and mmpretrain all fall back to: use
+``custom_imports = dict(imports=['overlock_mm'], allow_failed_imports=False)``.
 """
 __version__ = '0.1.0'
 

@@ -75,7 +75,7 @@ def _det_batch(h, w, n=1, num_classes=80):
     # cost the same at any input size and dominate a CPU step
     from mmdet.testing import demo_mm_inputs
     return demo_mm_inputs(batch_size=n, image_shapes=(3, h, w), with_mask=True,
-                           num_classes=num_classes)
+                          num_classes=num_classes)
 
 
 def _seg_batch(h, w, n=2, num_classes=150):

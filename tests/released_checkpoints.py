@@ -194,7 +194,8 @@ def released_det(arch: str, seed: int = 0, optimizer: bool = True, meta: bool = 
     """``maskrcnn{1x,3x}_overlock_<long>_coco.pth`` as mmdet 2.28 saves it."""
     shapes = OrderedDict(('backbone.' + k, s) for k, s in read_tsv(f'overlock_{arch}_det').items())
     shapes.update(mmdet2_mask_rcnn_heads(arch))
-    ckpt = {'meta': mmcv1_meta('det', arch), 'state_dict': random_state_dict(shapes, seed, meta=meta)}
+    ckpt = {'meta': mmcv1_meta('det', arch),
+            'state_dict': random_state_dict(shapes, seed, meta=meta)}
     if optimizer:
         ckpt['optimizer'] = adamw_state()
     return ckpt
@@ -204,7 +205,8 @@ def released_seg(arch: str, seed: int = 0, optimizer: bool = True, meta: bool = 
     """``upernet_overlock_<long>_ade20k.pth`` as mmseg 0.30 saves it."""
     shapes = OrderedDict(('backbone.' + k, s) for k, s in read_tsv(f'overlock_{arch}_seg').items())
     shapes.update(mmseg0_upernet_heads(arch))
-    ckpt = {'meta': mmcv1_meta('seg', arch), 'state_dict': random_state_dict(shapes, seed, meta=meta)}
+    ckpt = {'meta': mmcv1_meta('seg', arch),
+            'state_dict': random_state_dict(shapes, seed, meta=meta)}
     if optimizer:
         ckpt['optimizer'] = adamw_state()
     return ckpt

@@ -36,9 +36,11 @@ def test_arch_dict_unknown_field_is_named():
 
 
 def test_arch_width_not_divisible_by_heads_names_field():
-    with pytest.raises(ValueError, match=r'embed_dims\[2\]=60 must be divisible by 4 \* num_heads\[0\]'):
+    with pytest.raises(ValueError,
+                       match=r'embed_dims\[2\]=60 must be divisible by 4 \* num_heads\[0\]'):
         OverLoCK(dict(TINY, embed_dims=[16, 32, 60, 96]))
-    with pytest.raises(ValueError, match=r'embed_dims\[3\]=96 must be divisible by 4 \* num_heads\[1\] = 40'):
+    with pytest.raises(ValueError,
+                       match=r'embed_dims\[3\]=96 must be divisible by 4 \* num_heads\[1\] = 40'):
         OverLoCK(dict(TINY, num_heads=[2, 10]))
     with pytest.raises(ValueError, match='kernel_sizes'):
         OverLoCK(dict(TINY, kernel_sizes=[17, 15, 13, 8]))
@@ -225,9 +227,8 @@ def test_memory_efficient_keeps_less_and_changes_nothing():
 
 def _lean_flags(model):
     """``memory_efficient`` of each block list's blocks (one value per list)."""
-    return {name: blk.memory_efficient for name in ('blocks1', 'blocks2', 'blocks3', 'blocks4',
-                                                     'sub_blocks3', 'sub_blocks4')
-            for blk in getattr(model, name)}
+    names = ('blocks1', 'blocks2', 'blocks3', 'blocks4', 'sub_blocks3', 'sub_blocks4')
+    return {name: blk.memory_efficient for name in names for blk in getattr(model, name)}
 
 
 def test_memory_efficient_is_off_inside_checkpointed_blocks():

@@ -150,8 +150,8 @@ def test_moganet_outputs():
     model = moga(out_indices=(0, 1, 2, 3)).eval()
     with torch.no_grad():
         outs = model(torch.randn(2, 3, 64, 96))
-    assert [tuple(o.shape) for o in outs] == [(2, 16, 16, 24), (2, 16, 8, 12), (2, 24, 4, 6),
-                                             (2, 32, 2, 3)]
+    assert [tuple(o.shape) for o in outs] == [
+        (2, 16, 16, 24), (2, 16, 8, 12), (2, 24, 4, 6), (2, 32, 2, 3)]
     assert model.out_channels == [16, 16, 24, 32]
     assert [o.shape[1] for o in moga(out_indices=(-1, 1)).eval()(torch.randn(1, 3, 32, 32))] \
         == [16, 32]
@@ -162,8 +162,8 @@ def test_unireplknet_outputs():
     model = unirep().eval()
     with torch.no_grad():
         outs = model(torch.randn(2, 3, 64, 96))
-    assert [tuple(o.shape) for o in outs] == [(2, 8, 16, 24), (2, 16, 8, 12), (2, 24, 4, 6),
-                                             (2, 32, 2, 3)]
+    assert [tuple(o.shape) for o in outs] == [
+        (2, 8, 16, 24), (2, 16, 8, 12), (2, 24, 4, 6), (2, 32, 2, 3)]
     assert all(o.is_contiguous() for o in outs)  # NCHW memory: see test_backbone_api
     with torch.no_grad():
         (pooled,) = unirep(layout='cls').eval()(torch.randn(2, 3, 64, 64))

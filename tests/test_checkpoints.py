@@ -204,7 +204,8 @@ def test_big_variants_every_tensor_arrives(kind, arch='b'):
 
 # --------------------------------------------------------------------------------- refusals
 def test_refuses_what_is_not_overlock(tmp_path):
-    sd = OrderedDict([('conv1.weight', torch.zeros(64, 3, 7, 7)), ('fc.weight', torch.zeros(10, 64))])
+    sd = OrderedDict([('conv1.weight', torch.zeros(64, 3, 7, 7)),
+                      ('fc.weight', torch.zeros(10, 64))])
     src = rc.save(sd, tmp_path / 'resnet.pth')
     with pytest.raises(CheckpointError, match=r'not an OverLoCK checkpoint.*known layouts'):
         cc.convert(src, tmp_path / 'out.pth')

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tools' / 'demo'))
 from generate_data import generate  # noqa: E402
 
-DET = str(ROOT / 'configs/mmdet/cascade-mask-rcnn_overlock-t_fpn_4conv1fc-giou_8xb2-ms-crop-3x_coco.py')
+DET = str(ROOT / 'configs/mmdet'
+          / 'cascade-mask-rcnn_overlock-t_fpn_4conv1fc-giou_8xb2-ms-crop-3x_coco.py')
 DEMO_DET = str(ROOT / 'configs/demo/cascade-mask-rcnn_overlock-xt_demo.py')
 SEG = str(ROOT / 'configs/mmseg/upernet_overlock-t_8xb2-160k_ade20k-512x512.py')
 CLS = str(ROOT / 'configs/mmpretrain/overlock-t_8xb256_in1k.py')

@@ -16,7 +16,7 @@ import torch
 from overlock_mm.ops import na2d_av, na2d_cpu
 
 pytestmark = pytest.mark.skipif(not na2d_cpu.is_available(),
-                                 reason=f"'cpu' kernel unavailable: {na2d_cpu.build_error()}")
+                                reason=f"'cpu' kernel unavailable: {na2d_cpu.build_error()}")
 
 # 12 groups: more tasks than threads; 21 x 37 map, k = 7: border and interior blocks
 B, G, D, H, W, K = 2, 6, 16, 21, 37, 7

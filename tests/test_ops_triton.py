@@ -214,8 +214,8 @@ def test_tiles_file_overrides_defaults(interpreter, monkeypatch, tmp_path):
     the map), and a typo or a non-power-of-two is refused with the file's name."""
     import json
     path = tmp_path / 'tiles.json'
-    path.write_text(json.dumps({'forward': {'BLOCK_J': 64}, 'grad_value': {'BLOCK_Q': 2,
-                                                                          'num_stages': 3}}))
+    path.write_text(json.dumps({'forward': {'BLOCK_J': 64},
+                                'grad_value': {'BLOCK_Q': 2, 'num_stages': 3}}))
     monkeypatch.setenv(nt.TILES_ENV, str(path))
     assert nt.tiles('forward')['BLOCK_J'] == 64
     assert nt.tiles('forward')['BLOCK_D'] == nt.TILES['forward']['BLOCK_D']

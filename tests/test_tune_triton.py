@@ -40,7 +40,8 @@ def test_runs_in_interpreter_and_writes_a_tiles_file(tune, monkeypatch, tmp_path
     from test_ops_triton import _interpreter_runs_runtime_loops
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     if not _interpreter_runs_runtime_loops():
-        pytest.skip('this triton interpreter cannot loop over a runtime bound (see test_ops_triton)')
+        pytest.skip('this triton interpreter cannot loop over a runtime bound '
+                    '(see test_ops_triton)')
     monkeypatch.delenv(nt.TILES_ENV, raising=False)
     monkeypatch.setattr(tune, '_CANDIDATES', {
         'forward': [(16, 16, 1, 3), (8, 8, 2, 1)], 'grad_attn': [(16, 1, 3), (8, 2, 3)],

@@ -2,7 +2,8 @@
 """Re-parameterise a trained OverLoCK checkpoint into its deploy form.
 
     python tools/reparameterize.py work_dirs/overlock-t/epoch_300.pth overlock-t_deploy.pth
-    python tools/reparameterize.py maskrcnn1x_overlock_tiny_coco.pth mask-rcnn_overlock-t_deploy.pth \
+    python tools/reparameterize.py maskrcnn1x_overlock_tiny_coco.pth \
+        mask-rcnn_overlock-t_deploy.pth \
         --config configs/mmdet/mask-rcnn_overlock-t_fpn_8xb2-1x_coco.py
 
 Works on any checkpoint holding OverLoCK backbones: the authors' ImageNet / COCO / ADE20K

@@ -51,8 +51,12 @@ sys.exit(0 if v.split('+')[0].startswith(sys.argv[2]) else 1)
 PYEOF
 }
 
+# The stamp holds a digest of what the set-up installs from: a changed requirement file (say, a
+# new test tool) or a changed script re-runs the steps below, which skip what is already there.
 STAMP="$VENV/.overlock_stack_ok"
-if [ -f "$STAMP" ] && have overlock_mm "" ; then
+STAMP_KEY="$(cat "$ROOT"/requirements/*.txt "$ROOT/setup.cfg" "${BASH_SOURCE[0]}" \
+  | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_KEY" ] && have overlock_mm "" ; then
   echo "[setup] environment already complete ($VENV)"
   exit 0
 fi
@@ -114,4 +118,4 @@ fi
 "${PIP[@]}" -c "$CONSTRAINTS" --no-deps --no-build-isolation -e "$ROOT"
 
 "$PY" -c 'import torch, mmcv, mmcv.ops, mmengine, mmdet, mmseg, mmpretrain, overlock_mm; print("[setup] OK: torch", torch.__version__, "mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmseg", mmseg.__version__, "mmpretrain", mmpretrain.__version__)'
-touch "$STAMP"
+echo "$STAMP_KEY" > "$STAMP"

@@ -231,15 +231,16 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
                                  f'got {arch[field]!r}.')
         dims, heads = arch['embed_dims'], arch['num_heads']
         if dims[0] % 2:
-            raise ValueError(f'OverLoCK: embed_dims[0]={dims[0]} must be even (the stem halves it).')
+            raise ValueError(f'OverLoCK: embed_dims[0]={dims[0]} must be even (the stem halves '
+                             'it).')
         if dims[3] % 4:
             raise ValueError(f'OverLoCK: embed_dims[3]={dims[3]} must be divisible by 4 '
                              '(the context prior has embed_dims[3] // 4 channels).')
         for s, stage in enumerate((2, 3)):
             # ContMix splits C into 2 kernels x 2h groups, and the query into 2h groups.
             if dims[stage] % (4 * heads[s]):
-                raise ValueError(f'OverLoCK: embed_dims[{stage}]={dims[stage]} must be divisible by '
-                                 f'4 * num_heads[{s}] = {4 * heads[s]} (2 dynamic kernels x '
+                raise ValueError(f'OverLoCK: embed_dims[{stage}]={dims[stage]} must be divisible '
+                                 f'by 4 * num_heads[{s}] = {4 * heads[s]} (2 dynamic kernels x '
                                  f'2 * num_heads groups).')
         for k in arch['kernel_sizes']:
             if k not in DilatedReparamBlock.valid_kernel_sizes():

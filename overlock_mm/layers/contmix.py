@@ -45,7 +45,8 @@ def contmix_kernels(affinity: torch.Tensor, proj: nn.Conv2d, rpb_small: torch.Te
     Args:
         affinity: ``[B, G, H*W, 49]`` scaled query-key products.
         proj: the ``weight_proj`` 1x1 conv mapping 49 regions to ``s*s + K*K`` taps.
-        rpb_small, rpb_large: relative position bias tables ``[G, 2s-1, 2s-1]``, ``[G, 2K-1, 2K-1]``.
+        rpb_small, rpb_large: relative position bias tables ``[G, 2s-1, 2s-1]``,
+            ``[G, 2K-1, 2K-1]``.
 
     Returns:
         ``([B, G, s*s, H, W], [B, G, K*K, H, W])`` kernels, each summing to one over taps.

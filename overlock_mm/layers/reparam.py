@@ -85,8 +85,8 @@ class DilatedReparamBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int, deploy: bool = False) -> None:
         super().__init__()
         if kernel_size not in DILATED_BRANCHES:
-            raise ValueError(f'DilatedReparamBlock has no branch table for kernel size {kernel_size}; '
-                             f'valid sizes: {sorted(DILATED_BRANCHES)}.')
+            raise ValueError(f'DilatedReparamBlock has no branch table for kernel size '
+                             f'{kernel_size}; valid sizes: {sorted(DILATED_BRANCHES)}.')
         self.channels = channels
         self.kernel_size = kernel_size
         self.branches: List[Tuple[int, int]] = list(DILATED_BRANCHES[kernel_size])

@@ -143,7 +143,8 @@ def _pair(v) -> Tuple[int, int]:
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for ``weight [C, 1, kh, kw]``.
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for
+    ``weight [C, 1, kh, kw]``.
 
     Takes the faster CPU path (module docstring) for float32 CPU tensors at stride 1 outside
     autocast, except plain 3x3 kernels; on CUDA ``F.conv2d`` on a contiguous input

@@ -1,4 +1,5 @@
-"""The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel (``csrc/na2d_cpu.cpp``).
+"""The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel
+(``csrc/na2d_cpu.cpp``).
 
 The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-core Xeon, then
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
@@ -179,8 +180,8 @@ def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     suf = _SUFFIX[value.dtype]
     bg, d, h, w = _dims(value)
     out = torch.empty_like(value)
-    getattr(lib, f'na2d_forward_{suf}')(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d,
-                                       h, w, k, torch.get_num_threads())
+    fn = getattr(lib, f'na2d_forward_{suf}')
+    fn(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d, h, w, k, torch.get_num_threads())
     return out
 
 
@@ -191,8 +192,9 @@ def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tens
     b, g, d, h, w = value.shape
     gattn = value.new_empty((b, g, k * k, h, w))
     vp = _padded_rows(value, lanes)
-    getattr(lib, f'na2d_grad_attn_{suf}')(grad_out.data_ptr(), vp.data_ptr(), gattn.data_ptr(),
-                                         b * g, d, h, w, k, w + lanes, torch.get_num_threads())
+    fn = getattr(lib, f'na2d_grad_attn_{suf}')
+    fn(grad_out.data_ptr(), vp.data_ptr(), gattn.data_ptr(), b * g, d, h, w, k, w + lanes,
+       torch.get_num_threads())
     return gattn
 
 
@@ -207,9 +209,9 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
     gpad = grad_out.new_zeros((b, g, d, h, wg))
     gpad[..., 2 * r:w] = grad_out[..., r:w - r]
     gvalue = torch.empty_like(grad_out)
-    getattr(lib, f'na2d_grad_value_{suf}')(attn.data_ptr(), grad_out.data_ptr(), gpad.data_ptr(),
-                                          gvalue.data_ptr(), b * g, d, h, w, k, wg,
-                                          torch.get_num_threads())
+    fn = getattr(lib, f'na2d_grad_value_{suf}')
+    fn(attn.data_ptr(), grad_out.data_ptr(), gpad.data_ptr(), gvalue.data_ptr(), b * g, d, h, w, k,
+       wg, torch.get_num_threads())
     return gvalue
 
 

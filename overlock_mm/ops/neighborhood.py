@@ -65,7 +65,8 @@ def relative_position_index(length: int, kernel_size: int, device=None) -> torch
     """
     start = window_start(length, kernel_size, device)
     a = torch.arange(kernel_size, device=device)
-    return start[:, None] + a[None, :] - torch.arange(length, device=device)[:, None] + kernel_size - 1
+    i = torch.arange(length, device=device)
+    return start[:, None] + a[None, :] - i[:, None] + kernel_size - 1
 
 
 @lru_cache(maxsize=None)
@@ -257,7 +258,8 @@ _IMPLS: Dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
 _AUTO_ORDER: Dict[str, List[str]] = {'cpu': ['native'], 'cuda': ['native']}
 
 
-def register_impl(name: str, fn: Callable, devices: Tuple[str, ...] = (), first: bool = True) -> None:
+def register_impl(name: str, fn: Callable, devices: Tuple[str, ...] = (),
+                  first: bool = True) -> None:
     """Register a faster implementation and (optionally) make ``auto`` prefer it on ``devices``."""
     _IMPLS[name] = fn
     for dev in devices:

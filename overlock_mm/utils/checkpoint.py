@@ -127,7 +127,8 @@ def reparameterize_state_dict(sd: Dict[str, torch.Tensor]) -> 'OrderedDict[str, 
         parts = [(int(r), sd[f'{p}.dil_conv_k{k}_{r}.weight'].double(), bn(f'{p}.dil_bn_k{k}_{r}'))
                  for _, k, r in branches[p]]
         dtype = sd[f'{p}.lk_origin.weight'].dtype
-        kernel, bias = merge_branches(sd[f'{p}.lk_origin.weight'].double(), bn(f'{p}.origin_bn'), parts)
+        kernel, bias = merge_branches(sd[f'{p}.lk_origin.weight'].double(),
+                                      bn(f'{p}.origin_bn'), parts)
         fused[p] = (kernel.to(dtype), bias.to(dtype))
     out = OrderedDict()
     for k, v in sd.items():

@@ -123,4 +123,3 @@ def check_data_paths(cfg, command: str) -> None:
 def _placeholder(what: str, path: str) -> str:
     name = osp.basename(osp.normpath(path)) or path
     return f'/path/to/{name}' + ('/' if what != 'ann_file' else '')
-

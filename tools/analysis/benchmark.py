@@ -349,6 +349,10 @@ class CopyBandwidth:
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)
 
+    def release(self) -> None:
+        """Free the two buffers (512 MB): later measurements must not see them."""
+        self.src = self.dst = None
+
     def sample(self, repeat: int = 10) -> float:
         t = None
         if self.device.type == 'cuda':
@@ -601,7 +605,7 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     record('copy', fwds, fwdbwds, repeat, min_time)
 
     sample_bandwidth()
-    del copy_meter
+    copy_meter.release()
     bandwidth = statistics.median(bandwidths)
     result.update(copy_bandwidth_GBps=bandwidth / 1e9,
                   copy_bandwidth_samples_GBps=[bw / 1e9 for bw in bandwidths],
@@ -633,7 +637,7 @@ def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
           'bandwidth) / this time; mem/ref: fwd+bwd peak / reference\'s')
     hdr = (f'  {"impl":10} {"fwd ms":>9} {"f+b ms":>9} {"f+b peak MB":>12} {"ref/x fwd":>10} '
            f'{"ref/x f+b":>10} {"%roof fwd":>10} {"mem/ref":>8} {"GFLOP/s fwd":>12} '
-          f'{"max|err|":>9}')
+           f'{"max|err|":>9}')
     results = []
     for case in cases:
         # The copy bandwidth of a shared VM drifts within minutes and scatters between calls:

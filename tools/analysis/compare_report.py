@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -556,7 +556,7 @@ def write_report(task: str, size: str, results: List[Dict], args, out_dir: Path)
               f'* FLOPs: multiply-accumulates counted by {counter_note}, of {flops_note}; '
               f'input 1x3x{fh}x{fw}.',
               '* Params: every parameter of the training-form model, auxiliary head included '
-              f'(seg auxiliary heads: '
+              '(seg auxiliary heads: '
               + ', '.join(f"{r['name']} {r.get('aux_params_m', 0):.2f}M" for r in results
                           if 'error' not in r and r.get('aux_params_m')) + ').'
               if task == 'seg' else

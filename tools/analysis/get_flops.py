@@ -80,7 +80,8 @@ def main():
         g = {k: r[k] / 1e9 for k in ('convolutions', 'aggregation', 'affinity', 'total')}
         print(f'{arch:5} {r["params"] / 1e6:9.2f} {REFERENCE_PARAMS_M[arch]:7.2f} | '
               f'{g["convolutions"]:7.3f} {g["aggregation"]:6.3f} {g["affinity"]:6.3f} '
-              f'{g["total"]:7.3f} {ref["total"]:7.2f} {100 * (g["total"] / ref["total"] - 1):+5.2f}% | '
+              f'{g["total"]:7.3f} {ref["total"]:7.2f} '
+              f'{100 * (g["total"] / ref["total"] - 1):+5.2f}% | '
               f'{r.get("other", 0) / 1e9:6.3f}')
     if not args.no_dense:
         print('\nDense layouts, backbone only (MACs, G):')
@@ -89,7 +90,8 @@ def main():
                 r = dense(arch, layout, hw)
                 results[f'{arch}_{layout}_{hw[1]}x{hw[0]}'] = r
                 print(f'{arch:5} {layout:4} {hw[1]}x{hw[0]}: params {r["params"] / 1e6:6.2f} M, '
-                      f'conv {r["convolutions"] / 1e9:7.2f}, aggregation {r["aggregation"] / 1e9:6.2f}, '
+                      f'conv {r["convolutions"] / 1e9:7.2f}, '
+                      f'aggregation {r["aggregation"] / 1e9:6.2f}, '
                       f'affinity {r["affinity"] / 1e9:6.3f}, total {r["total"] / 1e9:7.2f} '
                       f'(+ other {r.get("other", 0) / 1e9:5.2f})')
     if args.json:
