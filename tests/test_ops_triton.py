@@ -209,6 +209,21 @@ def test_saves_only_attn_and_value(interpreter, monkeypatch):
     assert sum(saved) <= a.numel() + v.numel(), saved
 
 
+def test_torch_compile_traces_the_kernels_as_custom_ops(interpreter):
+    """One graph (fullgraph) whose launches are the overlock_mm::na2d_triton_* custom ops; the
+    traced forward and backward equal the reference at a border-heavy map (H == k)."""
+    k = 5
+    attn, value, grad_out = _inputs(1, 2, 8, 5, 9, k)
+    a, v = attn.clone().requires_grad_(), value.clone().requires_grad_()
+    fn = torch.compile(lambda x, y: nt.na2d_av_triton(x, y, k), backend='aot_eager',
+                       fullgraph=True)
+    out = fn(a, v)
+    out.backward(grad_out)
+    ref_out, ref_ga, ref_gv = _reference(attn, value, grad_out, k)
+    assert _max_err(out, ref_out) < TOL
+    assert _max_err(a.grad, ref_ga) < TOL and _max_err(v.grad, ref_gv) < TOL
+
+
 def test_tiles_file_overrides_defaults(interpreter, monkeypatch, tmp_path):
     """OVERLOCK_TRITON_TILES: a subset overrides TILES, the kernels run with it (a tile wider than
     the map), and a typo or a non-power-of-two is refused with the file's name."""

@@ -188,7 +188,8 @@ class DynamicConvBlock(nn.Module):
         key = self.weight_key(context).view(b, g, -1, NUM_REGIONS_SIDE ** 2)
         affinity = torch.einsum('bgcn,bgcl->bgnl', query, key)  # [B, G, HW, 49]
         small, large = contmix_kernels(affinity, self.weight_proj, self.rpb1, self.rpb2, hh, ww)
-        x = contmix_aggregate(x, small, large, impl=self.contmix_impl)
+        x = contmix_aggregate(x, small, large, (self.smk_size, self.kernel_size),
+                              impl=self.contmix_impl)
         if size != (h, w):
             x = F.adaptive_avg_pool2d(x, (h, w))
         return x

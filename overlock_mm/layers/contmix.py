@@ -5,7 +5,6 @@ taps are softmax weights derived from the pixel's affinity to 7x7 pooled regions
 prior. This file holds the kernel *generation* (affinity -> taps -> softmax with relative position
 bias) and calls the aggregation op (:mod:`overlock_mm.ops`). Change the kernel here.
 """
-import math
 from functools import lru_cache
 from typing import Tuple
 
@@ -29,7 +28,10 @@ def relative_position_bias(rpb: torch.Tensor, h: int, w: int) -> torch.Tensor:
     Tap ``(a, b)`` of pixel ``(i, j)`` reads ``rpb[g, p(i) + a, p(j) + b]`` (NATTEN 0.17).
     """
     g, k = rpb.shape[0], (rpb.shape[-1] + 1) // 2
-    ri, rj = _rpb_index(h, w, k, rpb.device)  # [H, k], [W, k]
+    # a torch.compile trace computes the index itself (it becomes graph constants); through the
+    # cache it would warn that it ignores the cache
+    index = _rpb_index.__wrapped__ if torch.compiler.is_compiling() else _rpb_index
+    ri, rj = index(h, w, k, rpb.device)  # [H, k], [W, k]
     # Two index_selects (rows, then columns) instead of one advanced-indexing gather: the
     # gather's backward is an accumulating index_put, which ran 25 ms per call on CPU at
     # detection size; index_select's backward is index_add on the small row-gathered table.
@@ -65,18 +67,18 @@ def contmix_kernels(affinity: torch.Tensor, proj: nn.Conv2d, rpb_small: torch.Te
 
 
 def contmix_aggregate(value: torch.Tensor, small: torch.Tensor, large: torch.Tensor,
-                      impl: str = 'auto') -> torch.Tensor:
+                      kernel_sizes: Tuple[int, int], impl: str = 'auto') -> torch.Tensor:
     """Apply the two kernels to ``value`` ``[B, C, H, W]``.
 
     The first C/2 channels (``m = 0``) are aggregated with the small kernel and the rest with the
-    large one, ``G`` heads each, channel order ``(m, G, C / 2G)``.
+    large one, ``G`` heads each, channel order ``(m, G, C / 2G)``. ``kernel_sizes`` are
+    ``(s, K)``: given, not read back from the taps' shapes, so that a ``torch.compile`` trace
+    (where shapes may be symbolic) and a jit trace (0-d tensors) see plain ints.
     """
     b, c, h, w = value.shape
     g = small.shape[1]
     v = value.view(b, 2, g, c // (2 * g), h, w)
-    # int() first: under jit tracing (FLOP counting) shapes are 0-d tensors
-    ks = math.isqrt(int(small.shape[2]))
-    kl = math.isqrt(int(large.shape[2]))
+    ks, kl = kernel_sizes
     out_s = na2d_av(small, v[:, 0], ks, impl=impl)
     out_l = na2d_av(large, v[:, 1], kl, impl=impl)
     return torch.cat([out_s, out_l], dim=1).view(b, c, h, w)

@@ -174,9 +174,21 @@ def _padded_rows(value: torch.Tensor, lanes: int) -> torch.Tensor:
     return F.pad(value, (0, lanes)).contiguous()
 
 
+def _lib() -> ctypes.CDLL:
+    """The kernel library for a raw call. :func:`na2d_av_cpu` only routes calls here when it
+    loaded, except inside a ``torch.compile`` trace, which cannot build it: there the first
+    call, at run time, builds it, and a failed build ends the run."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"overlock_mm: the 'cpu' na2d kernel is unavailable "
+                           f"({_state['error']}); under torch.compile set the backbone's "
+                           f"contmix_impl='native', or install a C++ compiler.")
+    return lib
+
+
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     """Raw forward on contiguous float32/float64 CPU tensors (no autograd)."""
-    lib = load()
+    lib = _lib()
     suf = _SUFFIX[value.dtype]
     bg, d, h, w = _dims(value)
     out = torch.empty_like(value)
@@ -186,7 +198,7 @@ def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
-    lib = load()
+    lib = _lib()
     suf = _SUFFIX[value.dtype]
     lanes = getattr(lib, f'na2d_lanes_{suf}')()
     b, g, d, h, w = value.shape
@@ -199,7 +211,7 @@ def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tens
 
 
 def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tensor:
-    lib = load()
+    lib = _lib()
     suf = _SUFFIX[grad_out.dtype]
     lanes = getattr(lib, f'na2d_lanes_{suf}')()
     b, g, d, h, w = grad_out.shape
@@ -216,13 +228,20 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
 
 
 # Saves ``attn`` and ``value`` only; both gradients come from the C++ kernel.
-_CpuNeighborhoodAV = lean_av_function('_CpuNeighborhoodAV', forward, grad_attn, grad_value)
+_CpuNeighborhoodAV = lean_av_function('_CpuNeighborhoodAV', forward, grad_attn, grad_value,
+                                      op_prefix='na2d_cpu')
 
 
 def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """``na2d_av`` through the C++ kernel (falls back to ``'native'`` where it cannot run)."""
     from .neighborhood import _compute_dtype, _na2d_av_native, apply_lean
-    if value.device.type != 'cpu' or attn.device.type != 'cpu' or load() is None:
+    if torch.compiler.is_compiling():
+        # a trace cannot run the build (a lock, a compiler process): it takes the kernel unless
+        # a build has already failed (the raw calls build it on their first run, see _lib)
+        unusable = _state['tried'] and _state['lib'] is None
+    else:
+        unusable = load() is None
+    if value.device.type != 'cpu' or attn.device.type != 'cpu' or unusable:
         return _na2d_av_native(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
     work = dtype if dtype in _SUFFIX else torch.float32

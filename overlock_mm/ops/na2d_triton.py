@@ -279,6 +279,7 @@ def _jit(interpret: bool) -> Dict[str, Callable]:
             'grad_value': triton.jit(_grad_value_body)}
 
 
+@torch.compiler.assume_constant_result  # a torch.compile trace reads it once (not traceable)
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     knobs = getattr(triton, 'knobs', None)  # triton >= 3.4; older ones read the variable
@@ -433,7 +434,8 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
 
 
 # Saves ``attn`` and ``value`` only; both gradients come from the Triton kernels.
-_TritonNeighborhoodAV = lean_av_function('_TritonNeighborhoodAV', forward, grad_attn, grad_value)
+_TritonNeighborhoodAV = lean_av_function('_TritonNeighborhoodAV', forward, grad_attn,
+                                         grad_value, op_prefix='na2d_triton')
 
 
 def can_run(device: torch.device) -> bool:

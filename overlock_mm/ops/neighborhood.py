@@ -22,6 +22,7 @@ Clamped windows make the tap loop cheap: for a fixed tap row ``a`` the source ro
 slice) and ``L - k + a`` for ``i >= L - r`` (a broadcast). Every tap therefore touches only
 views of ``value`` -- no per-tap copies.
 """
+import functools
 import importlib.util
 from functools import lru_cache
 from typing import Callable, Dict, List, Tuple
@@ -172,16 +173,45 @@ class _NeighborhoodAV(torch.autograd.Function):
 AV_FUNCTION_NAMES: List[str] = ['_NeighborhoodAV']
 
 
+def traceable_kernel(op_name: str, kernel: Callable, out_shape: Callable) -> Callable:
+    """``kernel`` (a raw ``(Tensor, Tensor, int) -> Tensor`` launcher: ctypes, Triton), callable
+    inside a ``torch.compile`` trace.
+
+    ``torch.compile`` cannot trace into a ctypes call or a Triton launcher's Python (pointer
+    checks, tile lookups): each call would split the graph. So the kernel is also registered as
+    the custom op ``overlock_mm::<op_name>``, whose output shape, ``out_shape(*args)``, is all
+    the tracer needs; traced code calls the op. Eager code calls ``kernel`` directly: going
+    through the op's dispatch costs ~10 us a call on the CPU (measured), more than a small
+    stage-4 forward's Python path as a whole.
+    """
+    op = torch.library.custom_op(f'overlock_mm::{op_name}', kernel, mutates_args=())
+    op.register_fake(lambda a, b, k: a.new_empty(out_shape(a, b, k), dtype=b.dtype))
+
+    @functools.wraps(kernel)
+    def run(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+        return op(a, b, k) if torch.compiler.is_compiling() else kernel(a, b, k)
+    return run
+
+
 def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
-                     grad_value: Callable) -> type:
+                     grad_value: Callable, op_prefix: str) -> type:
     """An autograd function for a kernel-backed implementation (``'cpu'``, ``'triton'``).
 
     It saves ``attn`` and ``value`` only and calls ``forward(attn, value, k)``,
-    ``grad_attn(grad_out, value, k)`` and ``grad_value(grad_out, attn, k)``. ``name`` becomes the
-    class name, which is what traced graphs (FLOP counting) show as ``PythonOp.<name>``; it is
-    added to :data:`AV_FUNCTION_NAMES`. Run it with :func:`apply_lean`, which calls the raw
-    ``forward`` (kept as ``kernel_forward``) where autograd has nothing to record.
+    ``grad_attn(grad_out, value, k)`` and ``grad_value(grad_out, attn, k)``, each made
+    :func:`traceable_kernel` as ``overlock_mm::<op_prefix>_forward`` (``_grad_attn``,
+    ``_grad_value``). ``name`` becomes the class name, which is what traced graphs (FLOP
+    counting) show as ``PythonOp.<name>``; it is added to :data:`AV_FUNCTION_NAMES`. Run it with
+    :func:`apply_lean`, which calls the raw ``forward`` (kept as ``kernel_forward``) where
+    autograd has nothing to record.
     """
+    forward = traceable_kernel(f'{op_prefix}_forward', forward, lambda a, v, k: v.shape)
+    grad_attn = traceable_kernel(
+        f'{op_prefix}_grad_attn', grad_attn,
+        lambda g, v, k: (v.shape[0], v.shape[1], k * k, v.shape[3], v.shape[4]))
+    grad_value = traceable_kernel(f'{op_prefix}_grad_value', grad_value,
+                                  lambda g, a, k: g.shape)
+
     def fwd(ctx, attn, value, kernel_size):
         ctx.save_for_backward(attn, value)
         ctx.kernel_size = kernel_size

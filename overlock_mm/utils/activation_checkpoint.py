@@ -186,7 +186,17 @@ class _Recompute(torch.autograd.Function):
 def _recompute(fn: Callable[..., Any], subs: Sequence[nn.Module], args: Sequence[Any],
                preserve_rng: bool) -> Any:
     """``fn(*args)`` through :class:`_Recompute`; ``subs`` (from :func:`_submodules`) are all
-    the modules ``fn`` runs."""
+    the modules ``fn`` runs.
+
+    Inside a ``torch.compile`` trace, which cannot trace :class:`_Recompute` (its backward calls
+    ``torch.autograd.grad`` and sets BatchNorm attributes), the range goes through
+    ``torch.utils.checkpoint`` instead: the compiler keeps its inputs only and recomputes the
+    rest in the compiled backward, where running-statistic updates are applied once (they are
+    functional in the traced graph).
+    """
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                 preserve_rng_state=preserve_rng)
     # each trainable parameter once (a shared one listed twice would get its gradient twice)
     params = list({id(p): p for m in subs for p in m._parameters.values()
                    if p is not None and p.requires_grad}.values())
