@@ -162,3 +162,34 @@ def test_dense_batch_reaches_the_model_rows():
     assert {c.batch for c in configs if c.task == 'det'} == {2}
     assert {c.batch for c in configs if c.task == 'cls'} == {4}
     assert {c.impl for c in configs if c.torch_dwconv} == {'reference', 'auto'}
+
+
+def test_compiled_rows_warm_up_and_stay_out_of_the_default_targets(monkeypatch):
+    """--compile adds our default rows compiled; they compile in their first steps, so both
+    passes warm them up (3 steps) before measuring, and the step targets keep dividing the eager
+    rows, reporting the compiled ones on lines of their own."""
+    bench = load_benchmark()
+    steps = []
+    monkeypatch.setattr(bench, 'malloc_reuse', _recording_reuse(dict(reuse=False)))
+    monkeypatch.setattr(bench, 'model_step',
+                        lambda cfg, device: lambda: steps.append(cfg.name))
+    args = bench.parse_args(['--models', '--modes', 'train', '--compile', 'reduce-overhead',
+                             '--model-repeat', '1', '--device', 'cpu'])
+    report = bench.run_models(args, bench.torch.device('cpu'))
+    compiled = [c for c in report['configs'] if c['compile_mode']]
+    assert [c['compile_mode'] for c in compiled] == ['reduce-overhead']
+
+    def name(row):
+        return bench.ModelConfig(**{k: v for k, v in row.items() if k != 'results'}).name
+
+    assert 'compiled=reduce-overhead' in name(compiled[0])
+    # peak pass: 3 warm-up steps + 1 metered; timed pass: 3 warm-up + 1 timed
+    assert steps.count(name(compiled[0])) == 8
+    eager = [c for c in report['configs'] if not c['compile_mode']]
+    assert all(steps.count(name(c)) == 2 for c in eager)
+
+    rows = [_train_row('reference', 1, 1.0, 1000), _train_row('auto', 1, 0.6, 400),
+            dict(_train_row('auto', 1, 0.3, 450), compile_mode='reduce-overhead')]
+    out = {t['key']: t for t in bench.evaluate_targets(None, dict(configs=rows), 'cpu')}
+    assert out['train_time_ratio']['value'] == 0.6  # the eager row, not the compiled one
+    assert out['train_time_ratio_compiled_reduce-overhead']['value'] == 0.3

@@ -20,12 +20,16 @@ TINY = dict(depths=[1, 1, 1, 1], sub_depths=[1, 2], embed_dims=[16, 32, 64, 96],
             kernel_sizes=[17, 15, 13, 7], num_heads=[2, 3], mlp_ratio=4, sub_mlp_ratio=3)
 
 
-def training_step(model, x, compiled):
-    run = torch.compile(model, backend='aot_eager', fullgraph=True) if compiled else model
+def training_step(model, x, backend=None):
+    """One step of ``model`` (eager, or compiled with ``backend``): outputs, gradients and
+    buffers after it."""
+    run = torch.compile(model, backend=backend, fullgraph=True) if backend else model
     torch.manual_seed(1)  # the same drop-path masks on both sides
+    torch.cuda.manual_seed_all(1)
     outs = run(x)
     # a loss that weighs every output element differently (a plain sum hides errors that cancel)
-    sum((o * torch.linspace(0, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+    sum((o * torch.linspace(0, 1, o.numel(), device=o.device).view_as(o)).sum()
+        for o in outs).backward()
     return ([o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters()},
             {n: b.clone() for n, b in model.named_buffers()})
 
@@ -38,14 +42,30 @@ def training_step(model, x, compiled):
 def test_compiled_training_step_equals_eager(kwargs):
     if not na2d_cpu.is_available():
         pytest.skip("the 'cpu' na2d kernel is unavailable")
+    assert_compiled_step_equals_eager(kwargs, 'cpu', 'aot_eager', out_tol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_compiled_training_step_equals_eager_on_cuda():
+    """Inductor on CUDA (the Triton kernels as custom ops beside Inductor's own kernels); TF32
+    off on both sides, so the comparison is float32 against float32."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        assert_compiled_step_equals_eager(dict(), 'cuda', 'inductor', out_tol=1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def assert_compiled_step_equals_eager(kwargs, device, backend, out_tol):
     torch.manual_seed(0)
-    eager = OverLoCK(dict(TINY), layout='det', **kwargs).train()
+    eager = OverLoCK(dict(TINY), layout='det', **kwargs).to(device).train()
     compiled = copy.deepcopy(eager)
-    x = torch.randn(2, 3, 64, 64)
-    outs_e, grads_e, bufs_e = training_step(eager, x, compiled=False)
-    outs_c, grads_c, bufs_c = training_step(compiled, x, compiled=True)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    outs_e, grads_e, bufs_e = training_step(eager, x)
+    outs_c, grads_c, bufs_c = training_step(compiled, x, backend)
     for e, c in zip(outs_e, outs_c):
-        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, e, rtol=out_tol, atol=out_tol)
     # Tolerance: 0.1 % of each gradient's largest entry, with a floor of 1e-6 of the network's
     # largest gradient: the traced graph sums in another order, and the gradients that are zero
     # up to float32 noise (biases in front of a norm) differ there by ~1e-9 of the largest.

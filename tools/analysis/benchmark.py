@@ -672,6 +672,10 @@ def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- model level
+#: warm-up steps of a compiled row at least (see compile_warmup)
+COMPILE_WARMUP = 3
+
+
 @dataclass
 class ModelConfig:
     """One model-level measurement."""
@@ -684,6 +688,7 @@ class ModelConfig:
     with_cp: Union[bool, Tuple[bool, ...]] = False
     torch_dwconv: bool = False  # plain F.conv2d depthwise convs (ops/dwconv.py's paths off)
     memory_efficient: bool = True  # OverLoCK(memory_efficient=...): selective recomputation
+    compile_mode: Optional[str] = None  # model.compile(mode=..., fullgraph=True); None: eager
     batch: int = 1
     size: Tuple[int, int] = (224, 224)
     results: dict = field(default_factory=dict)
@@ -692,7 +697,8 @@ class ModelConfig:
     def name(self) -> str:
         extra = ((' deploy' if self.deploy else '') + cp_label(self.with_cp)
                  + (' torch-dwconv' if self.torch_dwconv else '')
-                 + ('' if self.memory_efficient else ' memory_efficient=False'))
+                 + ('' if self.memory_efficient else ' memory_efficient=False')
+                 + (f' compiled={self.compile_mode}' if self.compile_mode else ''))
         return (f'{self.variant}-{self.task} {self.mode:5} {self.impl:9}{extra} '
                 f'b{self.batch} {self.size[1]}x{self.size[0]}')
 
@@ -707,7 +713,8 @@ def cp_label(with_cp: Union[bool, Sequence[bool]]) -> str:
 def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls_batch: int,
                   modes: Sequence[str] = ('infer', 'train'),
                   cp_stages: Sequence[Tuple[bool, ...]] = (),
-                  torch_dwconv: bool = False, dense_batch: int = 1) -> List[ModelConfig]:
+                  torch_dwconv: bool = False, dense_batch: int = 1,
+                  compile_modes: Sequence[str] = ()) -> List[ModelConfig]:
     """The combinations to run.
 
     Without ``full`` the reference is not re-parameterised or checkpointed (those rows cost
@@ -717,7 +724,8 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
     always added.
     ``torch_dwconv`` adds, per mode, the reference and our op run with plain ``F.conv2d``
     depthwise convolutions (none of ops/dwconv.py's paths): the former is the authors' network as
-    it runs, the latter shows what those paths save our network.
+    it runs, the latter shows what those paths save our network. ``compile_modes`` add, per
+    mode, our op's default row with the backbone compiled (``torch.compile`` mode names).
     """
     configs = []
     for variant in variants:
@@ -742,6 +750,8 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
                     for stages in cp_stages:
                         configs.append(ModelConfig(variant, task, 'train', impl,
                                                    with_cp=tuple(stages), **kw))
+            configs += [ModelConfig(variant, task, mode, 'auto', compile_mode=cm, **kw)
+                        for mode in modes for cm in compile_modes]
     return configs
 
 
@@ -755,6 +765,10 @@ def model_step(cfg: ModelConfig, device: torch.device) -> Callable[[], object]:
     if cfg.deploy:
         model.eval()
         model.switch_to_deploy()
+    if cfg.compile_mode:
+        # in place: one graph (README, "torch.compile"); compiled on the first step(s)
+        model.compile(mode=None if cfg.compile_mode == 'default' else cfg.compile_mode,
+                      fullgraph=True)
     x = torch.randn(cfg.batch, 3, *cfg.size, device=device)
     dwconv = torch_depthwise if cfg.torch_dwconv else contextlib.nullcontext
     if cfg.mode == 'infer':
@@ -777,9 +791,19 @@ def model_step(cfg: ModelConfig, device: torch.device) -> Callable[[], object]:
     return step
 
 
+def compile_warmup(cfg: ModelConfig, warmup: int) -> int:
+    """Warm-up steps of a row: a compiled model compiles in its first step, and
+    ``mode='reduce-overhead'`` records its CUDA graphs in the next ones, so those rows take at
+    least 3 whatever ``--model-warmup`` says."""
+    return max(warmup, COMPILE_WARMUP) if cfg.compile_mode else warmup
+
+
 def model_peak(cfg: ModelConfig, device: torch.device) -> Optional[int]:
-    """Peak memory of one step of a fresh model, in the meter's allocator mode."""
+    """Peak memory of one step of a fresh model, in the meter's allocator mode (a compiled
+    model's after its warm-up, which compiles)."""
     step = model_step(cfg, device)
+    for _ in range(compile_warmup(cfg, 0)):
+        step()
     with PeakMemory(device) as mem:
         step()
         synchronize(device)
@@ -792,7 +816,7 @@ def model_time(cfg: ModelConfig, device: torch.device, warmup: int, repeat: int)
     """Step times of a fresh model, with glibc reusing freed blocks (:func:`malloc_reuse`)."""
     step = model_step(cfg, device)
     with malloc_reuse():
-        times = time_it(step, device, warmup, repeat)
+        times = time_it(step, device, compile_warmup(cfg, warmup), repeat)
         del step
         gc.collect()
     t = statistics.median(times)
@@ -819,7 +843,7 @@ def run_models(args: argparse.Namespace, device: torch.device) -> dict:
     tasks = args.tasks or (['cls', 'det', 'seg'] if args.full else ['det'])
     cp_stages = [tuple(c == '1' for c in flags) for flags in args.cp_stages or ()]
     configs = model_configs(variants, tasks, args.full, args.cls_batch, args.modes, cp_stages,
-                            args.torch_dwconv, args.dense_batch)
+                            args.torch_dwconv, args.dense_batch, args.compile or ())
     warmup = args.model_warmup
     repeat = args.model_repeat
     print(f'\n== Model level: backbone only, {len(configs)} configurations; peak memory: one '
@@ -950,19 +974,24 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
             memory_efficient), with or without our depthwise-conv paths."""
             return next((c for c in train if c['impl'] == impl and c['with_cp'] is False
                          and bool(c.get('torch_dwconv')) == torch_dwconv
-                         and c.get('memory_efficient', True)), None)
+                         and c.get('memory_efficient', True) and not c.get('compile_mode')),
+                        None)
 
         ref = (default_row('reference') or {}).get('results')
         for c in train:
             if c['impl'] != 'auto' or c.get('torch_dwconv') or not ref:
                 continue
             o, cp, lean = c['results'], c['with_cp'], c.get('memory_efficient', True)
+            compiled = c.get('compile_mode')
             suffix = '' if cp is False else '_cp' if cp is True else '_cp' + cp_label(cp)[9:]
             if not lean:
                 suffix += '_keep_all'
+            if compiled:
+                suffix += f'_compiled_{compiled}'
             if suffix not in ('', '_cp'):  # other settings: reported, same thresholds
                 label = (f'same, ours with{cp_label(cp)}'
-                         + ('' if lean else ' memory_efficient=False'))
+                         + ('' if lean else ' memory_efficient=False')
+                         + (f' compiled ({compiled}; the reference eager)' if compiled else ''))
                 targets.append(('train_time_ratio' + suffix, label + ': time / reference', 0.5,
                                 '<='))
                 targets.append(('train_mem_ratio' + suffix, label + ': peak memory / reference',
@@ -1066,6 +1095,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'convolutions, none of our depthwise-conv paths (the CPU kernels, '
                              'the CUDA layout choice): the authors\' network as it runs, and '
                              'what those paths save ours')
+    parser.add_argument('--compile', nargs='+', metavar='MODE',
+                        choices=['default', 'reduce-overhead', 'max-autotune',
+                                 'max-autotune-no-cudagraphs'],
+                        help='also run our op\'s default rows with the backbone compiled '
+                             '(model.compile(mode=MODE, fullgraph=True); at least 3 warm-up '
+                             'steps, the first compiles: minutes per row), e.g. reduce-overhead '
+                             '(CUDA graphs) for the host-bound batch-1 GPU step')
     parser.add_argument('--full', action='store_true',
                         help='every variant, task and combination (hours on a CPU)')
     parser.add_argument('--quick', action='store_true',

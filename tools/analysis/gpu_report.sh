@@ -3,13 +3,15 @@
 #
 #   bash tools/analysis/gpu_report.sh [OUT_DIR]        (default work_dirs/gpu_report)
 #
-# 1. tests of the compiled Triton kernels, the depthwise convs on CUDA and parity with the
-#    released weights on CUDA;
+# 1. tests of the compiled Triton kernels, the depthwise convs on CUDA, torch.compile (Inductor)
+#    and parity with the released weights on CUDA;
 # 2. tools/analysis/tune_triton.py: tile sizes for this GPU -> OUT_DIR/tiles.json, used below
 #    through OVERLOCK_TRITON_TILES (TUNE=0 skips this and keeps the package's tiles);
 # 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection, batch 1
 #    and, training only, the recipes' 2 images per GPU; both also with plain F.conv2d depthwise
 #    convs, --torch-dwconv: the authors' network as it runs, and ours without our dw paths);
+#    then the batch-1 training step with the backbone compiled, mode='reduce-overhead' (CUDA
+#    graphs: the answer to a step bound by the host's launch work; --compile);
 # 4. profile_step.py: where an OverLoCK-T detection training step spends its GPU time;
 # 5. if time is left, the detection op cases again at batch 8 (a GPU is only filled by more);
 # 6. where Nsight Compute (ncu) is installed, its view of one forward launch at OverLoCK-T's
@@ -44,7 +46,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))" 2>&1 | tee -a "$OUT/gpu.txt"
 
 step tests 150 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
-    tests/test_ops_triton.py tests/test_ops_dwconv.py tests/test_parity.py
+    tests/test_ops_triton.py tests/test_ops_dwconv.py tests/test_parity.py tests/test_compile.py
 if [ "${TUNE:-1}" != 0 ]; then
     rm -f "$OUT/tiles.json"  # a failed tuning run must not leave an earlier run's tiles in use
     step tune 150 $PY tools/analysis/tune_triton.py --out "$OUT/tiles.json" --json "$OUT/tune.json"
@@ -60,6 +62,9 @@ step models 100 $PY tools/analysis/benchmark.py --models --model-warmup 2 --mode
 step models_b2 100 $PY tools/analysis/benchmark.py --models --modes train --dense-batch 2 \
     --cp-stages --model-warmup 2 --model-repeat 5 --torch-dwconv --no-reexec \
     --json "$OUT/bench_models_b2.json"
+step models_compiled 120 $PY tools/analysis/benchmark.py --models --modes train \
+    --compile reduce-overhead --cp-stages --model-warmup 2 --model-repeat 5 --no-reexec \
+    --json "$OUT/bench_models_compiled.json"
 step profile 60 $PY tools/analysis/profile_step.py --variant t --task det --rows 25
 step ops_b8 90 $PY tools/analysis/benchmark.py --ops --impls triton reference --tasks det \
     --dense-batch 8 --min-time 0.1 --no-reexec --json "$OUT/bench_ops_b8.json"
