@@ -21,7 +21,8 @@ def saved_storages(fn: Callable[[], Any], min_bytes: int = 0) -> Tuple[Any, Dict
     return out, kept
 
 
-def assert_grads_match(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+def assert_grads_match(model: torch.nn.Module, reference: torch.nn.Module,
+                       noise_floor: float = 1e-11) -> None:
     """Every parameter of ``model`` has the gradient of the same parameter of ``reference``
     (or both have none), after one float32 training step each.
 
@@ -30,6 +31,8 @@ def assert_grads_match(model: torch.nn.Module, reference: torch.nn.Module) -> No
     float32 summation order gave up to 0.02 %, and a 1 % error in recomputed gradients fails),
     with a floor of 1e-11 of the network's largest gradient for those that are float32 noise
     around zero (~5e-15). A fixed ``atol=1e-6`` passed even without drop-path masks replayed.
+    ``noise_floor`` replaces that 1e-11 where the summation order differs more (a compiled
+    graph against eager code).
     """
     top = max(p.grad.abs().max().item() for p in reference.parameters() if p.grad is not None)
     for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
@@ -37,4 +40,4 @@ def assert_grads_match(model: torch.nn.Module, reference: torch.nn.Module) -> No
         if ref.grad is not None:
             scale = ref.grad.abs().max().item()
             torch.testing.assert_close(p.grad, ref.grad, rtol=1e-3,
-                                       atol=1e-3 * scale + 1e-11 * top, msg=name)
+                                       atol=1e-3 * scale + noise_floor * top, msg=name)
