@@ -37,6 +37,14 @@ def test_ops_and_dwconv_levels(tmp_path):
         bursts = bench.FWD_BURSTS - 1
         assert len(samples) == 2 + bursts * (len(c['impls']) - 1), c['name']
         assert c['copy_bandwidth_GBps'] == pytest.approx(statistics.median(samples))
+        # the arithmetic ceiling is sampled at the same moments, and the forward's FLOPs
+        # (2 per multiply-add) at its median rate give arithmetic_fwd_s
+        rates = c['gemm_samples_GFLOPs']
+        assert len(rates) == len(samples) and min(rates) > 0, c['name']
+        assert c['arithmetic_fwd_s'] == pytest.approx(
+            2 * c['macs'] / (statistics.median(rates) * 1e9))
+        for name, r in c['impls'].items():
+            assert r['gemm_rate_fwd'] == pytest.approx(c['arithmetic_fwd_s'] / r['fwd_s'])
     dw = report['dwconv']['results'][0]
     # XT's depthwise convs at 224: the large 17x17 kernels of stride 4 are among them
     assert any(c['kernel'] == 17 for c in dw['cases'])

@@ -15,11 +15,13 @@ read from ``OverLoCK.arch_settings`` / ``DynamicConvBlock``. Every case is compa
   vendor-tuned), and
 * the memory roofline: the bytes that must move (forward: attn + value read, out written;
   backward: grad_out + attn + value read, grad_attn + grad_value written) over the copy
-  bandwidth measured right before each case (``dst.copy_(src)`` of a 256 MB tensor into a
-  preallocated, warmed buffer; read + write bytes counted), and
+  bandwidth sampled during each case (``dst.copy_(src)`` of a 256 MB tensor into a
+  preallocated, warmed buffer; read + write bytes counted; median of the samples),
 * ``copy``: the same copy moving exactly the op's bytes (forward; forward + backward), timed
   like the op. Its ``%roof`` is what one launch of a bandwidth-bound kernel reaches at this size
-  -- far below 100 % for the small maps of a GPU at batch 1.
+  -- far below 100 % for the small maps of a GPU at batch 1, and
+* the arithmetic ceiling (not a target): the forward's FLOPs at the rate of a float32
+  ``torch.mm`` sampled at the same moments (``GemmRate``), the other side of the roofline model.
 
 Depthwise-conv level (``--dwconv``): every depthwise convolution of the training-mode backbone
 (read from the model with forward hooks, with its input size) timed with PyTorch's ``F.conv2d``
@@ -368,6 +370,48 @@ def copy_bandwidth(device: torch.device, mbytes: int = 256, repeat: int = 10) ->
     return CopyBandwidth(device, mbytes).sample(repeat)
 
 
+class GemmRate:
+    """The arithmetic ceiling in FLOP/s: ``torch.mm`` of two square float32 matrices.
+
+    The memory roofline bounds a call by its bytes; this bounds it by its multiply-adds, at the
+    rate the vendor's most tuned kernel (BLAS; cuBLAS without TF32) reaches on the same cores in
+    the same seconds -- the other side of the roofline model, ``max(bytes / bandwidth, FLOPs /
+    rate)``. It matters where a call's arithmetic is heavy for its bytes: the k = 13 forward
+    makes 16 multiply-adds per attention weight read, and on the 2-vCPU AMD EPYC VM its FLOPs
+    at the GEMM rate (~160-177 GFLOP/s with two threads, MKL) take about as long as its bytes
+    at the copy bandwidth. A rate, not the FMA peak: our block kernel alone ran 107-112 GFLOP/s
+    a thread there, MKL's GEMM ~96. ``n`` = 512 on the CPU (3 MB of operands, cache-resident:
+    ~1.6 ms a call there), 4096 on CUDA (timed by :func:`graph_time`).
+    """
+
+    def __init__(self, device: torch.device, n: Optional[int] = None) -> None:
+        self.device = device
+        n = n or (4096 if device.type == 'cuda' else 512)
+        gen = torch.Generator(device='cpu').manual_seed(0)
+        self.a, self.b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
+        self.out = torch.empty(n, n, device=device)
+        self.flops = 2 * n ** 3
+
+    def release(self) -> None:
+        self.a = self.b = self.out = None
+
+    def sample(self, repeat: int = 5) -> float:
+        def mm():
+            torch.mm(self.a, self.b, out=self.out)
+
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 arithmetic, as the op's
+        try:
+            t = None
+            if self.device.type == 'cuda':
+                t, _ = graph_time([mm], self.device, replays=repeat)
+            if t is None:
+                t = statistics.median(time_it(mm, self.device, warmup=1, repeat=repeat))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        return self.flops / t
+
+
 def calibrate_memory_meter(device: torch.device) -> Optional[float]:
     """Measured / true size of a 200 MB allocation (1.0 means the meter is exact)."""
     size = 200 * (1 << 20)
@@ -499,7 +543,10 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     GB/s between back-to-back calls (2-vCPU AMD EPYC VM, 2026-11-28), so a single sample taken
     before the case set every percentage of the case by chance; sampling between the bursts
     measures the bandwidth over the same seconds as the forward. All samples are kept in the
-    result (``copy_bandwidth_samples_GBps``).
+    result (``copy_bandwidth_samples_GBps``). The arithmetic ceiling (:class:`GemmRate`) is
+    sampled at the same moments (``gemm_samples_GFLOPs``); the forward's FLOPs at its median
+    rate are ``arithmetic_fwd_s``, and each implementation's ``gemm_rate_fwd`` is that time over
+    its own.
 
     Returns:
         dict: case geometry, bytes, roofline times and per-implementation results.
@@ -519,17 +566,18 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     attn, value, grad_out = sets[0]
     result = dict(case=asdict(case), name=case.name, bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes,
                   macs=case.macs, input_sets=n_sets, impls={})
-    copy_meter = CopyBandwidth(device)
-    bandwidths = [copy_meter.sample()]
+    copy_meter, gemm_meter = CopyBandwidth(device), GemmRate(device)
+    bandwidths, rates = [copy_meter.sample()], [gemm_meter.sample()]
 
-    def sample_bandwidth() -> None:
+    def sample_bounds() -> None:
         bandwidths.append(copy_meter.sample())
+        rates.append(gemm_meter.sample())
 
     def record(name: str, fwds: List[Callable[[], object]], fwdbwds: List[Callable[[], object]],
                rep: int, mt: float, wu: int = warmup) -> None:
         bursts = 1 if name == 'reference' else FWD_BURSTS
         t_f, ts_f, _ = measure(fwds[0], device, wu, rep, mt, bursts=bursts,
-                               between=sample_bandwidth)
+                               between=sample_bounds)
         t_fb, ts_fb, mem = measure(fwdbwds[0], device, wu, rep, mt)
         m = dict(fwd_s=t_f, fwd_times=ts_f, fwdbwd_s=t_fb, fwdbwd_times=ts_fb,
                  fwdbwd_peak_bytes=mem, timing='wall clock per call')
@@ -604,16 +652,21 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
         fwdbwds.append(lambda d=dsts[1], s=srcs[1]: d.copy_(s))
     record('copy', fwds, fwdbwds, repeat, min_time)
 
-    sample_bandwidth()
+    sample_bounds()
     copy_meter.release()
-    bandwidth = statistics.median(bandwidths)
+    gemm_meter.release()
+    bandwidth, rate = statistics.median(bandwidths), statistics.median(rates)
     result.update(copy_bandwidth_GBps=bandwidth / 1e9,
                   copy_bandwidth_samples_GBps=[bw / 1e9 for bw in bandwidths],
                   roofline_fwd_s=fwd_bytes / bandwidth,
-                  roofline_fwdbwd_s=(fwd_bytes + bwd_bytes) / bandwidth)
+                  roofline_fwdbwd_s=(fwd_bytes + bwd_bytes) / bandwidth,
+                  gemm_GFLOPs=rate / 1e9, gemm_samples_GFLOPs=[r / 1e9 for r in rates],
+                  # the forward's multiply-adds at the GEMM rate (not a target; see GemmRate)
+                  arithmetic_fwd_s=2 * case.macs / rate)
     for m in result['impls'].values():
         m.update(roofline_fwd=result['roofline_fwd_s'] / m['fwd_s'],
-                 roofline_fwdbwd=result['roofline_fwdbwd_s'] / m['fwdbwd_s'])
+                 roofline_fwdbwd=result['roofline_fwdbwd_s'] / m['fwdbwd_s'],
+                 gemm_rate_fwd=result['arithmetic_fwd_s'] / m['fwd_s'])
     return result
 
 
@@ -651,7 +704,8 @@ def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
         print(f'{case.name}: fwd moves {r["bytes_fwd"] / 1e6:.1f} MB -> roofline '
               f'{r["roofline_fwd_s"] * 1e3:.3f} ms at {r["copy_bandwidth_GBps"]:.1f} GB/s (median '
               f'of {len(samples)} samples during the case, {min(samples):.1f}-{max(samples):.1f}); '
-              f'fwd+bwd {r["roofline_fwdbwd_s"] * 1e3:.3f} ms')
+              f'fwd+bwd {r["roofline_fwdbwd_s"] * 1e3:.3f} ms; fwd FLOPs at the GEMM rate '
+              f'({r["gemm_GFLOPs"]:.0f} GFLOP/s) {r["arithmetic_fwd_s"] * 1e3:.3f} ms')
         print(hdr)
         ref = r['impls'].get('reference')
         for name, m in r['impls'].items():
@@ -1028,6 +1082,11 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
         print(f'  {status}  {desc}: {v:.3f} (target {op} {thr}; worst: {where})')
         out.append(dict(key=key, description=desc, threshold=thr, op=op, value=v, worst=where,
                         status=status))
+
+    def info(key: str, description: str, worst: Tuple[float, str]) -> None:
+        out.append(dict(key=key, description=description + ' (not a target)', threshold=None,
+                        op=None, value=worst[0], worst=worst[1], status='INFO'))
+
     if ops and det and all('copy' in c['impls'] for c in det):
         # not a target: how close the one-launch copy of the same bytes gets (the bound at
         # these sizes), and our forward's time against it
@@ -1037,12 +1096,24 @@ def evaluate_targets(ops: Optional[dict], models: Optional[dict], ours: str) -> 
         print(f'  note  a copy of the op\'s forward bytes reaches {copy[0]:.3f} of the roofline '
               f'(worst: {copy[1]}); our forward runs at {ours_vs_copy[0]:.3f} of that copy\'s '
               f'speed (worst: {ours_vs_copy[1]})')
-        out.append(dict(key='op_copy_roofline', description='copy of the forward bytes, '
-                        'fraction of the roofline (not a target)', threshold=None, op=None,
-                        value=copy[0], worst=copy[1], status='INFO'))
-        out.append(dict(key='op_fwd_vs_copy', description='copy time / our forward time (not a '
-                        'target)', threshold=None, op=None, value=ours_vs_copy[0],
-                        worst=ours_vs_copy[1], status='INFO'))
+        info('op_copy_roofline', 'copy of the forward bytes, fraction of the roofline', copy)
+        info('op_fwd_vs_copy', 'copy time / our forward time', ours_vs_copy)
+    if ops and det and all('arithmetic_fwd_s' in c for c in det):
+        # not a target: the other side of the roofline model. Where the forward's FLOPs at the
+        # GEMM rate take a large part of the roofline's time, 50 % of the memory roofline asks
+        # for near-GEMM arithmetic while streaming; against max(bytes / bandwidth, FLOPs /
+        # GEMM rate) the forward's fraction shows what the machine allows.
+        heavy = max((c['arithmetic_fwd_s'] / c['roofline_fwd_s'], c['name']) for c in det)
+        model = min((max(c['roofline_fwd_s'], c['arithmetic_fwd_s']) / c['impls'][ours]['fwd_s'],
+                     c['name']) for c in det)
+        print(f'  note  the forward\'s FLOPs at the GEMM rate take {heavy[0]:.3f} of the memory '
+              f'roofline\'s time (most: {heavy[1]}); against the roofline model, max(bytes / '
+              f'bandwidth, FLOPs / GEMM rate), our forward reaches {model[0]:.3f} (worst: '
+              f'{model[1]})')
+        info('op_arithmetic_vs_roofline', 'forward FLOPs at the GEMM rate / memory roofline time',
+             heavy)
+        info('op_roofline_model', 'max(memory roofline, FLOPs at the GEMM rate) / our forward '
+             'time', model)
     if authors_note:
         note = authors_note
         mem = '' if note['memory'] is None else f', peak memory {note["memory"]:.3f}'
