@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .neighborhood import lean_av_function
+from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_lean,
+                           lean_av_function)
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
 # every file the build reads: its bytes are part of the cache key
@@ -234,7 +235,6 @@ _CpuNeighborhoodAV = lean_av_function('_CpuNeighborhoodAV', forward, grad_attn, 
 
 def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """``na2d_av`` through the C++ kernel (falls back to ``'native'`` where it cannot run)."""
-    from .neighborhood import _compute_dtype, _na2d_av_native, apply_lean
     if torch.compiler.is_compiling():
         # a trace cannot run the build (a lock, a compiler process): it takes the kernel unless
         # a build has already failed (the raw calls build it on their first run, see _lib)
@@ -245,5 +245,6 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
         return _na2d_av_native(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
     work = dtype if dtype in _SUFFIX else torch.float32
-    a, v = attn.to(work).contiguous(), value.to(work).contiguous()
-    return apply_lean(_CpuNeighborhoodAV, a, v, kernel_size).to(dtype)
+    out = apply_lean(_CpuNeighborhoodAV, _as_operand(attn, work), _as_operand(value, work),
+                     kernel_size)
+    return out if out.dtype == dtype else out.to(dtype)

@@ -92,7 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .neighborhood import lean_av_function
+from .neighborhood import (_as_operand, _check_inputs, _compute_dtype, _na2d_av_native,
+                           apply_lean, lean_av_function)
 
 #: Tile sizes per kernel (compile-time constants; ``num_warps`` and ``num_stages`` are Triton's
 #: launch options, ``num_stages`` the software-pipelining depth of the kernels' loops):
@@ -456,11 +457,10 @@ def na2d_av_triton(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) ->
         Tensor: ``[B, G, D, H, W]`` in the autocast dtype under autocast, otherwise in the
         promoted dtype of the inputs (as ``'native'``).
     """
-    from .neighborhood import _check_inputs, _compute_dtype, _na2d_av_native, apply_lean
     _check_inputs(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
     if attn.device != value.device or not can_run(value.device) or dtype not in _PREC:
         return _na2d_av_native(attn, value, kernel_size)
     # Same casting rule as 'native': autocast decides the dtype, the kernels accumulate in fp32.
-    a, v = attn.to(dtype).contiguous(), value.to(dtype).contiguous()
-    return apply_lean(_TritonNeighborhoodAV, a, v, kernel_size)
+    return apply_lean(_TritonNeighborhoodAV, _as_operand(attn, dtype), _as_operand(value, dtype),
+                      kernel_size)
