@@ -163,6 +163,21 @@ def test_frozen_stages_and_norm_eval():
     assert torch.equal(before, model.blocks1[0].proj[4].weight)
 
 
+def test_switch_to_deploy_keeps_frozen_stages_frozen():
+    model = tiny(layout='det', frozen_stages=2)
+    model.switch_to_deploy()  # new fused large-kernel convolutions replace the branches
+    for i, parts in enumerate(model._stage_modules()):
+        grads = {p.requires_grad for m in parts for p in m.parameters()}
+        assert grads == ({False} if i < 2 else {True}), i
+
+
+def test_pretrained_init_cfg_without_checkpoint_is_named():
+    model = tiny(init_cfg=[dict(type='Pretrained', prefix='backbone.'),
+                           dict(type='Constant', layer='Conv2d', val=0.)])
+    with pytest.raises(ValueError, match=r"OverLoCK: init_cfg .* has no checkpoint"):
+        model.init_weights()
+
+
 @pytest.mark.parametrize('drop_path_rate', [0., 0.8])
 def test_with_cp_same_gradients_and_batchnorm_statistics(drop_path_rate):
     """A checkpointed block runs its forward twice; gradients, and its BatchNorms' running

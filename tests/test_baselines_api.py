@@ -301,6 +301,41 @@ def test_unireplknet_loads_imagenet_into_dense_and_deploy(tmp_path):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_unireplknet_deploy_fuses_training_form_by_load_state_dict():
+    """load_from / EMA copies reach the model through load_state_dict, not init_cfg."""
+    torch.manual_seed(0)
+    src = unirep(layout='dense').eval()
+    randomize_stats(src)
+    deploy = unirep(layout='dense', deploy=True).eval()
+    deploy.load_state_dict(src.state_dict())  # strict: every fused key must arrive
+    # inside a detector: the backbone's keys under 'backbone.', the rest untouched
+    parent = nn.Module()
+    parent.backbone, parent.neck = unirep(layout='dense', deploy=True).eval(), nn.Linear(2, 2)
+    parent.load_state_dict({f'backbone.{k}': v for k, v in src.state_dict().items()}
+                           | {f'neck.{k}': v for k, v in parent.neck.state_dict().items()})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b, c in zip(src(x), deploy(x), parent.backbone(x)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+            assert torch.equal(b, c)
+
+
+def test_switch_to_deploy_keeps_frozen_stages_frozen():
+    model = unirep(layout='dense', frozen_stages=2)
+    model.switch_to_deploy()  # new fused convolutions replace the branches
+    for i, parts in enumerate(model._stage_modules()):
+        grads = {p.requires_grad for m in parts for p in m.parameters()}
+        assert grads == ({False} if i < 2 else {True}), i
+
+
+@pytest.mark.parametrize('build', [moga, unirep])
+def test_pretrained_init_cfg_without_checkpoint_is_named(build):
+    model = build(init_cfg=dict(type='Pretrained'))
+    with pytest.raises(ValueError, match=r"has no checkpoint; use init_cfg=dict\("
+                                         r"type='Pretrained', checkpoint=<path or URL>\)"):
+        model.init_weights()
+
+
 def test_mmdet_checkpoint_prefix_and_errors(tmp_path):
     src = moga()
     path = tmp_path / 'det.pth'

@@ -85,15 +85,6 @@ def load_released_weights(model: nn.Module, filename: str, *, name: str,
     return unused, fresh
 
 
-def pretrained_and_rest(init_cfg) -> Tuple[list, Optional[object]]:
-    """Split an ``init_cfg`` into its ``Pretrained`` entries and the rest (or None)."""
-    cfgs = list(init_cfg) if isinstance(init_cfg, (list, tuple)) else \
-        ([init_cfg] if init_cfg is not None else [])
-    pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
-    rest = [c for c in cfgs if c.get('type') != 'Pretrained']
-    return pretrained, (rest if len(rest) > 1 else (rest[0] if rest else None))
-
-
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class BackboneLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """Layer-wise learning-rate decay driven by the backbone's own layer numbering.

@@ -3,7 +3,7 @@
 Each raises with the backbone's name, what was given and what is valid, so a config typo reads
 as what to fix rather than as a traceback from deep inside the model.
 """
-from typing import Mapping, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -87,3 +87,18 @@ def check_input(owner: str, x, in_channels: int) -> None:
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f'{owner} expects an NCHW tensor with {in_channels} channels, got '
                          f'shape {tuple(x.shape)}.')
+
+
+def pretrained_and_rest(owner: str, init_cfg) -> Tuple[list, Optional[object]]:
+    """Split an ``init_cfg`` into its ``Pretrained`` entries and the rest (one dict, a list, or
+    None), each ``Pretrained`` entry checked to name its ``checkpoint``."""
+    cfgs = list(init_cfg) if isinstance(init_cfg, (list, tuple)) else \
+        ([init_cfg] if init_cfg is not None else [])
+    pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
+    for c in pretrained:
+        if not c.get('checkpoint'):
+            raise ValueError(f"{owner}: init_cfg {dict(c)} has no checkpoint; use "
+                             "init_cfg=dict(type='Pretrained', checkpoint=<path or URL>), or drop "
+                             "it to start from the default initialisation.")
+    rest = [c for c in cfgs if c.get('type') != 'Pretrained']
+    return pretrained, (rest if len(rest) > 1 else (rest[0] if rest else None))

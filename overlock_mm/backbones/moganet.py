@@ -24,9 +24,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers.moga import MogaBlock
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
-from ._baseline_utils import load_released_weights, pretrained_and_rest
+from ._baseline_utils import load_released_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
-                      select_arch)
+                      pretrained_and_rest, select_arch)
 from ._freezing import FrozenStagesMixin
 
 ARCH_FIELDS = ('embed_dims', 'depths', 'ffn_ratios')
@@ -242,7 +242,7 @@ class MogaNet(FrozenStagesMixin, BaseModule):
 
     def init_weights(self) -> None:
         self._default_init()
-        pretrained, rest = pretrained_and_rest(self.init_cfg)
+        pretrained, rest = pretrained_and_rest('MogaNet', self.init_cfg)
         if rest is not None:
             cfg, self.init_cfg = self.init_cfg, rest
             super().init_weights()

@@ -28,7 +28,7 @@ from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
-                      select_arch)
+                      pretrained_and_rest, select_arch)
 from ._freezing import FrozenStagesMixin
 
 LAYOUTS = ('cls', 'seg', 'det')
@@ -323,6 +323,7 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
             if isinstance(m, DilatedReparamBlock):
                 m.switch_to_deploy()
         self.deploy = True
+        self._freeze_stages()  # the fused convs are new parameters: frozen stages stay frozen
 
     # ------------------------------------------------------------------------------ weights
     def _default_init(self) -> None:
@@ -339,15 +340,9 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
 
     def init_weights(self) -> None:
         self._default_init()
-        cfg = self.init_cfg
-        if isinstance(cfg, (list, tuple)):
-            pretrained = [c for c in cfg if c.get('type') == 'Pretrained']
-            rest = [c for c in cfg if c.get('type') != 'Pretrained']
-        else:
-            pretrained = [cfg] if cfg is not None and cfg.get('type') == 'Pretrained' else []
-            rest = [cfg] if cfg is not None and not pretrained else []
-        if rest:
-            self.init_cfg = rest if len(rest) > 1 else rest[0]
+        pretrained, rest = pretrained_and_rest('OverLoCK', self.init_cfg)
+        if rest is not None:
+            cfg, self.init_cfg = self.init_cfg, rest
             super().init_weights()
             self.init_cfg = cfg
         for c in pretrained:

@@ -20,7 +20,8 @@ give every parameter name. Two layouts:
 
 ``deploy=True`` builds the re-parameterised network (``*_deploy`` configs of the release);
 :meth:`UniRepLKNet.switch_to_deploy` converts a trained one, and training-form checkpoints
-load into a deploy network by fusing on the fly.
+load into a deploy network by fusing on the fly, by any route (``init_cfg``, ``load_from``,
+``load_state_dict``: a load pre-hook, :func:`_fuse_training_form`).
 """
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Union
@@ -37,9 +38,9 @@ from ..layers.unirep import PLAIN_KERNELS, UNIREPLKNET_BRANCHES, UniRepLKNetBloc
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import is_reparameterized
-from ._baseline_utils import load_released_weights, pretrained_and_rest
+from ._baseline_utils import load_released_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
-                      select_arch)
+                      pretrained_and_rest, select_arch)
 from ._freezing import FrozenStagesMixin
 
 LAYOUTS = ('cls', 'dense')
@@ -70,6 +71,22 @@ def default_kernel_sizes(depths: Sequence[int]) -> List[List[int]]:
                          'kernel_sizes (4 lists, one size per block) in the arch dict.')
     return [[3] * depths[0], [13] * depths[1], _stage3_pattern(depths[2], every),
             [13] * depths[3]]
+
+
+def _fuse_training_form(module: 'UniRepLKNet', state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: training-form weights (BNs, dilated branches, GRN bias,
+    layer scale) arriving at a re-parameterised (``deploy``) UniRepLKNet are fused in place,
+    with the network's own :meth:`UniRepLKNet.switch_to_deploy`."""
+    if not module.deploy:
+        return
+    own = [k for k in state_dict if k.startswith(prefix)]
+    sub = OrderedDict((k[len(prefix):], state_dict[k]) for k in own)
+    fused = module._training_form_to_deploy(sub)
+    if fused is sub:  # already in deploy form (or nothing of ours)
+        return
+    for k in own:
+        del state_dict[k]
+    state_dict.update((prefix + k, v) for k, v in fused.items())
 
 
 @MODELS.register_module()
@@ -184,6 +201,8 @@ class UniRepLKNet(FrozenStagesMixin, BaseModule):
             for i in range(self.num_stages):
                 self.add_module(f'norm{i}', LayerNorm2d(dims[i]))
         self._freeze_stages()
+        # A deploy network fuses training-form weights however they arrive (load_from, EMA...).
+        self.register_load_state_dict_pre_hook(_fuse_training_form)
 
     @classmethod
     def _parse_arch(cls, arch: Union[str, dict]) -> dict:
@@ -246,6 +265,7 @@ class UniRepLKNet(FrozenStagesMixin, BaseModule):
             if isinstance(m, UniRepLKNetBlock):
                 m.switch_to_deploy()
         self.deploy = True
+        self._freeze_stages()  # the fused convs are new parameters: frozen stages stay frozen
 
     # -------------------------------------------------------------- optimiser (layer decay)
     @staticmethod
@@ -304,7 +324,7 @@ class UniRepLKNet(FrozenStagesMixin, BaseModule):
 
     def init_weights(self) -> None:
         self._default_init()
-        pretrained, rest = pretrained_and_rest(self.init_cfg)
+        pretrained, rest = pretrained_and_rest('UniRepLKNet', self.init_cfg)
         if rest is not None:
             cfg, self.init_cfg = self.init_cfg, rest
             super().init_weights()

@@ -57,27 +57,38 @@ class OverLoCKClsHead(ClsHead):
                 nn.Conv2d(aux_in_channels, num_classes, 1),
             )
 
-    def _select(self, feats: Sequence[torch.Tensor], index: int, what: str) -> torch.Tensor:
+    def _select(self, feats: Sequence[torch.Tensor], index: int, what: str,
+                channels: int) -> torch.Tensor:
+        """Backbone output ``index``, checked to be the ``[N, channels, H, W]`` map ``what``
+        reads: with a one-output backbone ``-1`` is the main head's map, so an index alone
+        cannot catch a missing ``out_indices=(3, 4)``."""
         if not isinstance(feats, (tuple, list)):
             feats = (feats,)
+        fix = ('with the aux head use OverLoCK(out_indices=(3, 4)) and set in_channels / '
+               'aux_in_channels to those outputs\' channels')
         try:
-            return feats[index]
+            x = feats[index]
         except IndexError:
             raise ValueError(f'OverLoCKClsHead: the {what} reads backbone output {index} but the '
-                             f'backbone returned {len(feats)}; with the aux head use '
-                             'OverLoCK(out_indices=(3, 4)).') from None
+                             f'backbone returned {len(feats)}; {fix}.') from None
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f'OverLoCKClsHead: the {what} expects [N, {channels}, H, W] from '
+                             f'backbone output {index} (of {len(feats)}) but got '
+                             f'{list(x.shape)}; {fix}.')
+        return x
 
     def pre_logits(self, feats: Tuple[torch.Tensor]) -> torch.Tensor:
         """The pooled 1024-d embedding of the main head."""
-        x = self._select(feats, self.in_index, 'main head')
+        x = self._select(feats, self.in_index, 'main head', self.head[0].in_channels)
         return self.head[:4](x).flatten(1)
 
     def forward(self, feats: Tuple[torch.Tensor]) -> torch.Tensor:
-        x = self._select(feats, self.in_index, 'main head')
+        x = self._select(feats, self.in_index, 'main head', self.head[0].in_channels)
         return self.head(x).flatten(1)
 
     def aux_forward(self, feats: Tuple[torch.Tensor]) -> torch.Tensor:
-        return self.aux_head(self._select(feats, self.aux_index, 'aux head')).flatten(1)
+        x = self._select(feats, self.aux_index, 'aux head', self.aux_head[0].num_features)
+        return self.aux_head(x).flatten(1)
 
     def loss(self, feats: Tuple[torch.Tensor], data_samples: List, **kwargs) -> dict:
         losses = self._get_loss(self(feats), data_samples, **kwargs)
