@@ -213,6 +213,14 @@ def test_refuses_what_is_not_overlock(tmp_path):
     assert cc.main([str(src), str(tmp_path / 'out.pth')]) == 1
 
 
+def test_uri_without_its_backend_is_named():
+    """s3:// goes through mmengine.fileio (torch.hub cannot fetch it); without the backend
+    package the error names the URI and the way out."""
+    with pytest.raises(CheckpointError, match=r"cannot read 's3://bucket/overlock_t\.pth' "
+                       r"through mmengine\.fileio .*pass its local path"):
+        read_checkpoint('s3://bucket/overlock_t.pth')
+
+
 def test_refuses_wrong_shapes_and_missing_tensors():
     sd = rc.released_cls('xt', meta=True)
     sd['patch_embed2.0.weight'] = torch.zeros(112, 56, 5, 5)

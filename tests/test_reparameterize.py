@@ -142,6 +142,21 @@ def test_refusals(tmp_path, capsys):
     other = rc.save({'fc.weight': torch.zeros(2, 2)}, tmp_path / 'other.pth')
     assert rp.main([str(other), str(tmp_path / 'x.pth')]) == 1
     assert 'not a training-form OverLoCK checkpoint' in capsys.readouterr().err
+    # a UniRepLKNet file has the same branch names, but its blocks fuse more than OverLoCK's
+    from overlock_mm.backbones import UniRepLKNet
+    with torch.device('meta'):
+        shapes = UniRepLKNet('a').state_dict()
+    unirep = rc.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()},
+                     tmp_path / 'unireplknet_a.pth')
+    assert rp.main([str(unirep), str(tmp_path / 'x.pth')]) == 1
+    assert 'stages.1.0.dwconv is a UniRepLKNet block' in capsys.readouterr().err
+    # --config of another model: the strict load's failure, named as the likely mistake
+    train_file = rc.save(rc.released_cls('xt'), tmp_path / 'xt.pth')
+    assert rp.main([str(train_file), str(tmp_path / 'x.pth'), '--config',
+                    str(CONFIGS['seg'])]) == 1
+    err = capsys.readouterr().err
+    assert f'does not load into the model of {CONFIGS["seg"]}' in err
+    assert f'is {CONFIGS["seg"]} the config of {train_file}?' in err
     # deploy weights into a training-form model: refused, whatever the loading route
     backbone = OverLoCK('xt')
     sd = {k: v for k, v in read_checkpoint(str(deploy_file)).items()

@@ -54,19 +54,26 @@ def verify(config, src, dst, atol=1e-4, log=print):
     from mmengine.runner.checkpoint import load_checkpoint
 
     from convert_checkpoint import build_model_from_config, load_config
+    from overlock_mm.utils.checkpoint import CheckpointError
     scope = load_config(config).get('default_scope', 'mmengine')
     outs = []
     for ckpt, deploy in ((src, False), (dst, True)):
         model = build_model_from_config(config, device='cpu',
                                         cfg_options={'model.backbone.deploy': deploy})
-        load_checkpoint(model, str(ckpt), map_location='cpu', strict=True, logger='silent')
+        try:
+            load_checkpoint(model, str(ckpt), map_location='cpu', strict=True, logger='silent')
+        except (RuntimeError, KeyError) as e:  # strict loading: missing / unexpected / shapes
+            if isinstance(e, CheckpointError):
+                raise
+            detail = ' '.join(str(e).split())[:300]
+            raise CheckpointError(f'{ckpt} does not load into the model of {config} ({detail}); '
+                                  f'is {config} the config of {src}?') from None
         outs.append(model_outputs(model, scope))
     # relative to the outputs' scale where it exceeds 1 (float32 rounding grows with it)
     err = max(((b - a).abs().max() / a.abs().max().clamp(min=1)).item() for a, b in zip(*outs))
     log(f'  verified with {Path(config).name}: max |training - deploy| = {err:.2e} '
         f'(tolerance {atol:g}, relative to the output scale where it exceeds 1).')
     if not err <= atol:
-        from overlock_mm.utils.checkpoint import CheckpointError
         raise CheckpointError(f'deploy outputs differ from the training-form outputs by {err:.2e} '
                               f'(> {atol:g}); is {config} the config of {src}?')
     return err

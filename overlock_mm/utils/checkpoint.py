@@ -7,6 +7,7 @@
   mmdet/mmseg checkpoints (``backbone.`` prefix), and training-form weights loaded into a
   re-parameterised (``deploy=True``) model are fused on the fly.
 """
+import io
 import pickle
 import re
 from collections import OrderedDict
@@ -22,6 +23,11 @@ HEAD_PREFIXES = ('head.', 'aux_head.')
 #: modules that exist only in the dense layouts (newly initialised when loading ImageNet weights).
 DENSE_ONLY_PREFIXES = ('extra_norm.', 'h_proj.')
 _DIL_RE = re.compile(r'^(?P<p>.*)\.dil_conv_k(?P<k>\d+)_(?P<r>\d+)\.weight$')
+#: where UniRepLKNet keeps its dilated re-param blocks (``stages.<i>.<j>.dwconv.origin_bn.*``,
+#: the release's key names): the same branch names as OverLoCK's, but its blocks fuse more
+#: (block BN, GRN bias, layer scale), which only UniRepLKNet.switch_to_deploy does.
+_UNIREP_BLOCK_RE = re.compile(r'(^|\.)stages\.\d+\.\d+\.dwconv$')
+_URI_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
 class CheckpointError(RuntimeError):
@@ -36,28 +42,48 @@ def _unsafe_globals(filename) -> list:
         return []
 
 
+def _read_uri(uri: str) -> bytes:
+    from mmengine.fileio import get
+    try:
+        return get(uri)
+    except Exception as e:  # noqa: BLE001 - a missing backend package, credentials, a bad key
+        raise CheckpointError(f'cannot read {uri!r} through mmengine.fileio ({type(e).__name__}: '
+                              f'{e}); install and configure the backend this URI needs (e.g. '
+                              'petrel_client for s3://), or download the file and pass its local '
+                              'path.') from None
+
+
 def read_checkpoint(filename: str, map_location='cpu') -> dict:
     """Load a local file or URL with ``torch.load(weights_only=True)``.
 
     Only tensors, plain containers/scalars/strings and the allow-listed mmengine/numpy types
     (:mod:`overlock_mm.utils.safe_load`) are accepted; nothing in the file is ever executed.
 
+    ``http(s)://`` URLs go through ``torch.hub``'s download cache; other URIs (``s3://`` ...)
+    through ``mmengine.fileio``'s backends.
+
     Raises:
         CheckpointError: missing, unreadable, or carrying pickled code/objects (refused).
     """
     from .safe_load import register_safe_globals
     register_safe_globals()
+    name = str(filename)
     try:
-        if re.match(r'^(https?|s3)://', str(filename)):
-            return torch.hub.load_state_dict_from_url(filename, map_location=map_location,
+        if re.match(r'^https?://', name):
+            return torch.hub.load_state_dict_from_url(name, map_location=map_location,
                                                       weights_only=True, check_hash=False)
+        if _URI_RE.match(name):  # s3://, petrel://...: mmengine's file backends read the bytes
+            return torch.load(io.BytesIO(_read_uri(name)), map_location=map_location,
+                              weights_only=True)
         return torch.load(filename, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f'checkpoint {filename!r} does not exist; check the path '
                               '(or download the released weights first).') from None
     except pickle.UnpicklingError as e:
         found = re.findall(r'GLOBAL (\S+) was not an allowed global', str(e))
-        if not found and not re.match(r'^(https?|s3)://', str(filename)):
+        if not found and not _URI_RE.match(name):
             found = _unsafe_globals(filename)
         what = f' ({", ".join(found)})' if found else ''
         m = re.search(r'(Unsupported global: GLOBAL \S+ was not an allowed global by default|'
@@ -209,9 +235,10 @@ def reparameterize_checkpoint(ckpt) -> Tuple[dict, int]:
     """The deploy form of any OverLoCK checkpoint (classifier, detector, segmentor; released or
     ours): every DilatedReparamBlock fused into one ``lk_origin`` conv with bias.
 
-    The container is kept: a bare state dict stays bare (the released ``*_reparam.pth`` form), a
-    ``{'meta', 'state_dict', ...}`` checkpoint keeps its ``meta`` (``meta['deploy'] = True``) and
-    loses its training state (:data:`TRAINING_STATE_KEYS`).
+    A bare state dict stays bare (the released ``*_reparam.pth`` form). A wrapped one becomes
+    mmengine's container: the weights under ``state_dict`` (also where they were under ``model``
+    or ``module``, timm's and the authors' keys), its ``meta`` kept (``meta['deploy'] = True``),
+    its training state dropped (:data:`TRAINING_STATE_KEYS`).
 
     Returns:
         (new checkpoint, number of fused blocks)
@@ -220,6 +247,14 @@ def reparameterize_checkpoint(ckpt) -> Tuple[dict, int]:
     if is_reparameterized(sd):
         raise CheckpointError('the checkpoint is already re-parameterised (deploy form).')
     n_blocks = sum(1 for k in sd if k.endswith('.origin_bn.weight'))
+    unirep = [k for k in sd if k.endswith('.origin_bn.weight')
+              and _UNIREP_BLOCK_RE.search(k[:-len('.origin_bn.weight')])]
+    if unirep:
+        raise CheckpointError(
+            f'{unirep[0][:-len(".origin_bn.weight")]} is a UniRepLKNet block: this converts '
+            'OverLoCK checkpoints only. Load a UniRepLKNet checkpoint into UniRepLKNet(..., '
+            'deploy=True) (it fuses while loading) or call switch_to_deploy() on the trained '
+            'model, and save its state_dict.')
     if not n_blocks:
         raise CheckpointError('no DilatedReparamBlock (*.origin_bn.*, *.dil_conv_k*) found: '
                               'not a training-form OverLoCK checkpoint.')
