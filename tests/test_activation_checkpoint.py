@@ -168,6 +168,12 @@ def test_recompute_refuses_dropout():
         sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
     seq.eval()  # no randomness in eval mode
     sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
+    from mmcv.cnn.bricks import DropPath
+    seq = nn.Sequential(nn.Conv2d(3, 3, 1), DropPath(0.2)).train()
+    with pytest.raises(ValueError, match='DropPath draws random numbers'):
+        sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
+    seq[1].drop_prob = 0.  # a zero rate draws nothing
+    sequential_with_recompute(seq, torch.randn(1, 3, 4, 4, requires_grad=True), [(0, 2)])
 
 
 class _TwoOutputs(nn.Module):

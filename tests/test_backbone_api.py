@@ -84,6 +84,34 @@ def test_bad_layout_and_out_indices():
             OverLoCK(dict(TINY), frozen_stages=bad)
 
 
+def test_numpy_integer_out_indices_are_indices():
+    import numpy as np
+    assert OverLoCK(dict(TINY), out_indices=[np.int64(3), np.int32(4)]).out_indices == (3, 4)
+    with pytest.raises(ValueError, match='has 3.0 of type float; indices must be ints'):
+        OverLoCK(dict(TINY), out_indices=(3.0,))
+
+
+def test_bad_arch_values_and_kernel_options_are_named_at_construction():
+    # each failed only later before: inside a block (ZeroDivisionError, TypeError) or at the
+    # first forward (smk_size, contmix_impl) -- after the dataset and the weights had loaded
+    with pytest.raises(ValueError, match=r'num_heads must be a list of 2 positive ints, got '
+                                         r'\[0, 3\]'):
+        OverLoCK(dict(TINY, num_heads=[0, 3]))
+    with pytest.raises(ValueError, match='mlp_ratio must be a list of 4 positive numbers'):
+        OverLoCK(dict(TINY, mlp_ratio=[4, 4, 0, 4]))
+    for smk in (4, 15, 0, 5.0):
+        with pytest.raises(ValueError, match=f'smk_size={smk!r} must be an odd int from 1 to 7'):
+            OverLoCK(dict(TINY), smk_size=smk)
+    assert OverLoCK(dict(TINY), smk_size=3).sub_blocks3[0].smk_size == 3
+    with pytest.raises(ValueError, match=r"unknown contmix_impl 'trition'; valid: 'auto', .*"
+                                         r"'reference', 'triton'"):
+        OverLoCK(dict(TINY), contmix_impl='trition')
+    OverLoCK(dict(TINY), contmix_impl='triton')  # a GPU config built on a CPU-only machine
+    for bad in (None, (None, None, 1.)):
+        with pytest.raises(ValueError, match='ls_init_values needs 4 entries'):
+            OverLoCK(dict(TINY), ls_init_values=bad)
+
+
 def test_bad_inputs():
     model = tiny().eval()
     with pytest.raises(TypeError, match='torch.Tensor'):

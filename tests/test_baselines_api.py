@@ -68,8 +68,14 @@ def test_moganet_arch_dict_errors():
         MogaNet(dict(MOGA_TINY, depth=[1, 1, 1, 1]))
     with pytest.raises(ValueError, match='depths must be a list of 4'):
         MogaNet(dict(MOGA_TINY, depths=[1, 1, 1]))
-    with pytest.raises(ValueError, match=r'embed_dims\[2\]=20 must be an int divisible by 8'):
+    with pytest.raises(ValueError, match=r'embed_dims\[2\]=20 must be divisible by '
+                                         r'sum\(attn_channel_split\)=8 .*1:3:4'):
         MogaNet(dict(MOGA_TINY, embed_dims=[16, 16, 20, 32]))
+    with pytest.raises(ValueError, match=r'embed_dims\[1\]=16.0 must be a positive int'):
+        MogaNet(dict(MOGA_TINY, embed_dims=[16, 16.0, 24, 32]))
+    # the divisor follows the split: dims of 4 (not 8) suit a 1:1:2 split
+    model = MogaNet(dict(MOGA_TINY, embed_dims=[12, 12, 20, 28]), attn_channel_split=(1, 1, 2))
+    assert model(torch.zeros(1, 3, 64, 64))[-1].shape[1] == 28
 
 
 @pytest.mark.parametrize('field', ['depths', 'dims'])

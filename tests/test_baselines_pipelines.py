@@ -1,7 +1,7 @@
 """The baseline configs reproduce the published Cascade Mask R-CNN / UperNet rows.
 
 Parameters (every config) and FLOPs (two configs; the rest in tools/analysis/compare_report.py
-and docs/baselines.md) within 3% of ../shared/spec/RESULTS.md; models are built on the meta
+and docs/baselines.md) within 3% of docs/spec/RESULTS.md; models are built on the meta
 device and FLOPs counted with the published protocol (mmdet/mmseg 2.x ``get_flops``: 1280x800
 Cascade with 1000 box RoIs / 100 mask RoIs per stage, 2048x512 UperNet without the aux head).
 Also: the layer-decay optimiser constructor reproduces the authors' lr/decay groups.
@@ -123,3 +123,9 @@ def test_layer_decay_constructor_errors():
     with pytest.raises(TypeError, match='no backbone with layer_id_for_decay'):
         BackboneLayerDecayOptimWrapperConstructor(cfg, dict(num_layers=12, decay_rate=0.8))(
             nn.Linear(2, 2))
+    # DefaultOptimWrapperConstructor's keys would be ignored by this add_params: refused
+    with pytest.raises(ValueError, match=r"keys \['bias_decay_mult', 'custom_keys'\] are not "
+                                         r"supported \(valid: num_layers, decay_rate"):
+        BackboneLayerDecayOptimWrapperConstructor(
+            cfg, dict(num_layers=12, decay_rate=0.8, bias_decay_mult=0.,
+                      custom_keys={'gamma': dict(decay_mult=0.)}))(nn.Linear(2, 2))

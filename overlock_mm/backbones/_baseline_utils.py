@@ -103,6 +103,13 @@ class BackboneLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         cfg = self.paramwise_cfg
+        unknown = sorted(set(cfg) - {'num_layers', 'decay_rate', 'decay_type'})
+        if unknown:
+            # DefaultOptimWrapperConstructor's keys (custom_keys, bias_decay_mult...) would be
+            # ignored here without a word: this constructor replaces its add_params
+            raise ValueError(f'BackboneLayerDecayOptimWrapperConstructor: paramwise_cfg keys '
+                             f'{unknown} are not supported (valid: num_layers, decay_rate, '
+                             "decay_type); weight decay follows the backbone's no_weight_decay().")
         if 'num_layers' not in cfg or 'decay_rate' not in cfg:
             raise ValueError('BackboneLayerDecayOptimWrapperConstructor needs paramwise_cfg with '
                              f'num_layers and decay_rate, got {dict(cfg)}.')
@@ -138,7 +145,3 @@ class BackboneLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 f'Layer-wise lr decay {decay_rate} over {num_layers} layers: '
                 f'{json.dumps(summary, sort_keys=True)}')
         params.extend(groups.values())
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -3,6 +3,7 @@
 Each raises with the backbone's name, what was given and what is valid, so a config typo reads
 as what to fix rather than as a traceback from deep inside the model.
 """
+import numbers
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -39,19 +40,27 @@ def select_arch(owner: str, arch: Union[str, dict], settings: Mapping[str, dict]
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()}
 
 
+def is_int(x) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_out_indices(owner: str, out_indices, num: int, what: str) -> Tuple[int, ...]:
     """Normalise ``out_indices`` (int or sequence, negatives allowed) to sorted unique indices
     in ``range(num)``, or raise ValueError; ``what`` says what the indices select."""
-    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+    if is_int(out_indices):
         out_indices = (out_indices,)
     if not isinstance(out_indices, (list, tuple)) or not out_indices:
         raise ValueError(f'{owner}: out_indices must be an int or a non-empty sequence of '
                          f'ints, got {out_indices!r}.')
     for i in out_indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not -num <= i < num:
+        if not is_int(i):
+            raise ValueError(f'{owner}: out_indices {tuple(out_indices)} has {i!r} of type '
+                             f'{type(i).__name__}; indices must be ints ({what}).')
+        if not -num <= i < num:
             raise ValueError(f'{owner}: out_indices {tuple(out_indices)} has {i!r}; valid '
                              f'indices are 0-{num - 1} ({what}).')
-    return tuple(sorted({i % num for i in out_indices}))
+    return tuple(sorted({int(i) % num for i in out_indices}))
 
 
 def per_stage_flags(owner: str, name: str, flags: Union[bool, Sequence[bool]],

@@ -26,7 +26,7 @@ from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ._baseline_utils import load_released_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
-                      pretrained_and_rest, select_arch)
+                      is_int, pretrained_and_rest, select_arch)
 from ._freezing import FrozenStagesMixin
 
 ARCH_FIELDS = ('embed_dims', 'depths', 'ffn_ratios')
@@ -128,6 +128,12 @@ class MogaNet(FrozenStagesMixin, BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.arch = self._parse_arch(arch)
         dims, depths = self.arch['embed_dims'], self.arch['depths']
+        split = sum(attn_channel_split)
+        for i, c in enumerate(dims):
+            if c % split:
+                raise ValueError(f'MogaNet: embed_dims[{i}]={c} must be divisible by '
+                                 f'sum(attn_channel_split)={split} (the multi-order convs split '
+                                 f'the channels {":".join(map(str, attn_channel_split))}).')
         self.embed_dims = list(dims)
         self.out_channels = list(dims)
         self.in_channels = in_channels
@@ -166,9 +172,8 @@ class MogaNet(FrozenStagesMixin, BaseModule):
                 raise ValueError(f'MogaNet: arch field {field} must be a list of 4 numbers, '
                                  f'got {arch[field]!r}.')
         for i, c in enumerate(arch['embed_dims']):
-            if not isinstance(c, int) or c % 8:
-                raise ValueError(f'MogaNet: embed_dims[{i}]={c!r} must be an int divisible by 8 '
-                                 '(the multi-order convs split the channels 1:3:4).')
+            if not is_int(c) or c < 1:
+                raise ValueError(f'MogaNet: embed_dims[{i}]={c!r} must be a positive int.')
         return arch
 
     # ----------------------------------------------------------------------------- forward

@@ -24,11 +24,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerScale, RepConvBlock
 from ..layers.conv import conv_bn
+from ..ops import known_impls
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
-                      pretrained_and_rest, select_arch)
+                      is_int, pretrained_and_rest, select_arch)
 from ._freezing import FrozenStagesMixin
 
 LAYOUTS = ('cls', 'seg', 'det')
@@ -124,7 +125,8 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
                   kernel_sizes=[17, 15, 13, 7], num_heads=[6, 9], mlp_ratio=4, sub_mlp_ratio=3),
     }
     arch_aliases = {'xtiny': 'xt', 'tiny': 't', 'small': 's', 'base': 'b'}
-    #: the pyramid channels per layout: out 2 and 3 carry the context channels.
+    #: outputs ``out_indices`` selects from: 0-3 the stride 4/8/16/32 features (2 and 3 with the
+    #: context channels appended), 4 the Overview-Net's stride-32 context.
     num_out_levels = 5
 
     def __init__(self,
@@ -164,9 +166,20 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
             'OverLoCK', out_indices, self.num_out_levels,
             '0-3: stride 4/8/16/32 features, 4: the overview context')
 
-        if len(ls_init_values) != 4:
-            raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), got '
-                             f'{tuple(ls_init_values)}.')
+        if not isinstance(ls_init_values, (list, tuple)) or len(ls_init_values) != 4 or not all(
+                v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in ls_init_values):
+            raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), each '
+                             f'None (no LayerScale) or a number, got {ls_init_values!r}.')
+        # DynamicConvBlock resizes maps smaller than the large kernel up to it, so a small kernel
+        # no larger than the large one always fits.
+        large = min(kernels[2], kernels[3])
+        if not is_int(smk_size) or smk_size < 1 or smk_size % 2 == 0 or smk_size > large:
+            raise ValueError(f'OverLoCK: smk_size={smk_size!r} must be an odd int from 1 to '
+                             f'{large} (the smaller Focus-Net kernel size, kernel_sizes[2:]).')
+        if contmix_impl not in known_impls():
+            raise ValueError(f"OverLoCK: unknown contmix_impl {contmix_impl!r}; valid: "
+                             f"{', '.join(repr(i) for i in known_impls())}.")
         self.with_cp = per_stage_flags('OverLoCK', 'with_cp', with_cp)
         self.frozen_stages = check_frozen_stages('OverLoCK', frozen_stages, FROZEN_PARTS)
         self.norm_eval = norm_eval
@@ -226,9 +239,14 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
                 arch[field] = [arch[field]] * n  # one ratio for every stage
         for field, n in (('depths', 4), ('sub_depths', 2), ('embed_dims', 4), ('kernel_sizes', 4),
                          ('num_heads', 2), ('mlp_ratio', 4), ('sub_mlp_ratio', 2)):
-            if not isinstance(arch[field], list) or len(arch[field]) != n:
-                raise ValueError(f'OverLoCK: arch field {field} must be a list of {n} ints, '
-                                 f'got {arch[field]!r}.')
+            value = arch[field]
+            positive = (is_int if 'ratio' not in field else
+                        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+            if not isinstance(value, list) or len(value) != n or \
+                    not all(positive(v) and v > 0 for v in value):
+                kind = 'positive numbers' if 'ratio' in field else 'positive ints'
+                raise ValueError(f'OverLoCK: arch field {field} must be a list of {n} {kind}, '
+                                 f'got {value!r}.')
         dims, heads = arch['embed_dims'], arch['num_heads']
         if dims[0] % 2:
             raise ValueError(f'OverLoCK: embed_dims[0]={dims[0]} must be even (the stem halves '

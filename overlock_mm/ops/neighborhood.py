@@ -1,6 +1,6 @@
 """Neighbourhood aggregation ("AV" step of ContMix) with NATTEN 0.17 ``na2d_av`` semantics.
 
-Semantics (facts from NATTEN 0.17, restated in ARCHITECTURE.md): for a kernel ``k`` with
+Semantics (facts from NATTEN 0.17, restated in docs/spec/ARCHITECTURE.md): for a kernel ``k`` with
 ``r = k // 2`` on an axis of length ``L >= k``, position ``i`` aggregates the window that starts at
 ``start(i) = clamp(i - r, 0, L - k)``. Windows shift inward at the borders instead of being zero
 padded, so every output pixel sees exactly ``k * k`` real neighbours. Tap ``t = a * k + b`` of pixel
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['na2d_av', 'na2d_av_reference', 'window_start', 'relative_position_index',
-           'available_impls', 'auto_impl', 'register_impl']
+           'available_impls', 'known_impls', 'auto_impl', 'register_impl']
 
 
 def _check_inputs(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
@@ -313,7 +313,20 @@ def auto_impl(device_type: str) -> str:
 
 
 def available_impls() -> List[str]:
+    """The implementations this machine can run (``impl=`` values besides ``'auto'``)."""
     return sorted(_IMPLS)
+
+
+#: implementations that register themselves only where they can run ('triton': a CUDA device
+#: and an importable triton, see _register_triton)
+_DEVICE_BOUND_IMPLS = ('triton',)
+
+
+def known_impls() -> List[str]:
+    """Every name ``impl=`` accepts on some machine: ``'auto'``, :func:`available_impls` and
+    those that register only where they can run. A config checked against it may name
+    ``'triton'`` on a CPU-only machine (the call then says why it is unavailable), not a typo."""
+    return sorted({'auto', *_IMPLS, *_DEVICE_BOUND_IMPLS})
 
 
 def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,

@@ -217,12 +217,14 @@ def checkpoint_block(block: nn.Module, *args: Any) -> Any:
 def checkpoint_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """``layers`` applied in turn to ``x``, recomputed in backward: only ``x`` is kept,
     BatchNorm statistics are updated by the first forward only. The layers must not draw random
-    numbers (dropout; refused): there is no generator state to replay, which saves the host its
-    capture for the many short ranges of ``memory_efficient``."""
+    numbers (dropout, drop path: refused): there is no generator state to replay, which saves
+    the host its capture for the many short ranges of ``memory_efficient``."""
     layers = tuple(layers)
     subs = _submodules(layers)
     for m in subs:
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
+        # nn.Dropout*'s p; mmcv's / timm's DropPath's drop_prob
+        rate = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, 'drop_prob', 0)
+        if rate and m.training:
             raise ValueError(f'checkpoint_layers: {type(m).__name__} draws random numbers, '
                              'which the recomputation would not repeat; use checkpoint_block.')
     return _recompute(functools.partial(_run_layers, layers), subs, (x,), preserve_rng=False)

@@ -2,7 +2,6 @@
 
 Only *how* a config runs changes here (devices, process groups), never the model.
 """
-import os
 from typing import Any
 
 import torch
@@ -53,7 +52,3 @@ def adapt_to_cpu(cfg: Config, launcher: str) -> Config:
     if _replace_syncbn(cfg.model):
         print_log('No GPU: SyncBN -> BN (SyncBatchNorm needs CUDA).', logger='current')
     return cfg
-
-
-def is_launched_distributed() -> bool:
-    return int(os.environ.get('WORLD_SIZE', '1')) > 1
