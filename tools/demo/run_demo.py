@@ -147,13 +147,21 @@ def _set_data_root(cfg, root: Path) -> None:
 
 
 def _set_iters(cfg, iters: int) -> None:
+    """Shorten the run to ``iters``: schedulers end there, and those that would only begin
+    after it (the decay after a warm-up longer than the run) are dropped -- mmengine refuses a
+    scheduler whose end is not after its begin."""
     cfg.train_cfg.max_iters = iters
     cfg.train_cfg.val_interval = iters
+    kept = []
     for sched in cfg.param_scheduler:
+        if sched.get('begin', 0) >= iters:
+            continue
         if sched.get('end', 0) > iters:
             sched.end = iters
         if 'milestones' in sched:
             sched.milestones = [int(iters * 0.8)]
+        kept.append(sched)
+    cfg.param_scheduler = kept
 
 
 if __name__ == '__main__':
