@@ -201,3 +201,15 @@ def test_compiled_rows_warm_up_and_stay_out_of_the_default_targets(monkeypatch):
     out = {t['key']: t for t in bench.evaluate_targets(None, dict(configs=rows), 'cpu')}
     assert out['train_time_ratio']['value'] == 0.6  # the eager row, not the compiled one
     assert out['train_time_ratio_compiled_reduce-overhead']['value'] == 0.3
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--cp-stages', '110'], '--cp-stages 110: give 4 digits 0/1'),
+    (['--cp-stages', '1100', '11x0'], '--cp-stages 11x0: give 4 digits 0/1'),
+    (['--impls', 'cpu', 'trition'], '--impls trition: not an implementation; valid: '),
+])
+def test_bad_flags_fail_before_any_measurement(argv, message, capsys):
+    bench = load_benchmark()
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -679,6 +679,9 @@ def run_ops(args: argparse.Namespace, device: torch.device, ours: str) -> dict:
     impls = [i for i in available_impls() if device_only.get(i, device.type) == device.type]
     if args.impls:
         impls = [i for i in impls if i in args.impls]
+        if not impls:
+            raise SystemExit(f'benchmark.py: none of --impls {" ".join(args.impls)} runs on '
+                             f'{device.type} here (available: {", ".join(available_impls())})')
     variants = args.variants or (['xt', 't', 's', 'b'] if args.full else ['t'])
     tasks = args.tasks or ['cls', 'det', 'seg']
     kernels = ['large', 'small']
@@ -1144,7 +1147,8 @@ def machine_info(device: torch.device) -> dict:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--ops', action='store_true', help='run the op level (default: both)')
+    parser.add_argument('--ops', action='store_true',
+                        help='run the op level (default, with no level flag: all three levels)')
     parser.add_argument('--models', action='store_true', help='run the model level')
     parser.add_argument('--dwconv', action='store_true',
                         help="run the depthwise-conv level (the backbone's own dw convs, "
@@ -1205,6 +1209,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-reexec', action='store_true',
                         help=f'do not restart with {_MMAP_ENV} (CPU peak memory less exact)')
     args = parser.parse_args(argv)
+    # checked now, not after the op level's minutes
+    for flags in args.cp_stages or ():
+        if len(flags) != 4 or set(flags) - {'0', '1'}:
+            parser.error(f'--cp-stages {flags}: give 4 digits 0/1, one per resolution (stride 4, '
+                         '8, 16, 32), e.g. 1100')
+    if args.impls:
+        from overlock_mm.ops import known_impls
+        unknown = sorted(set(args.impls) - set(known_impls()) | ({'auto'} & set(args.impls)))
+        if unknown:
+            parser.error(f'--impls {" ".join(unknown)}: not an implementation; valid: '
+                         f'{" ".join(i for i in known_impls() if i != "auto")}')
     if not (args.ops or args.models or args.dwconv):
         args.ops = args.models = args.dwconv = True
     quick = args.quick
