@@ -26,7 +26,7 @@ DATA = Path(__file__).parent / 'data' / 'official_keys'
 ARCHS = ('xt', 't', 's', 'b')
 DENSE_ARCHS = ('t', 's', 'b')  # the COCO / ADE20K releases
 LONG = {'xt': 'xtiny', 't': 'tiny', 's': 'small', 'b': 'base'}
-#: the dense pyramid channels (C0, C1, C2 + C3/4, C3 + C3/4), ARCHITECTURE.md.
+#: the dense pyramid channels (C0, C1, C2 + C3/4, C3 + C3/4), docs/spec/ARCHITECTURE.md.
 PYRAMID = {'xt': (56, 112, 340, 420), 't': (64, 128, 384, 640), 's': (64, 128, 448, 640),
            'b': (80, 160, 528, 720)}
 

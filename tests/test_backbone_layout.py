@@ -9,9 +9,9 @@ from overlock_mm.heads import OverLoCKClsHead
 
 DATA = Path(__file__).parent / 'data' / 'official_keys'
 ARCHS = ['xt', 't', 's', 'b']
-# The paper / release (ARCHITECTURE.md): re-parameterised params without aux head.
+# The paper / release (docs/spec/ARCHITECTURE.md): re-parameterised params without aux head.
 PARAMS_REPARAM_M = {'xt': 16.45, 't': 33.47, 's': 56.16, 'b': 94.94}
-# Training-time params without aux head, and of the dense layouts (ARCHITECTURE.md).
+# Training-time params without aux head, and of the dense layouts (docs/spec/ARCHITECTURE.md).
 PARAMS_TRAIN_M = {'xt': 16.97, 't': 34.48, 's': 57.80, 'b': 97.43}
 PARAMS_DET_M = {'xt': 15.66, 't': 33.13, 's': 56.45, 'b': 96.09}
 PARAMS_SEG_M = {'xt': 15.51, 't': 32.80, 's': 56.12, 'b': 95.67}

@@ -1,5 +1,5 @@
 """MogaNet / UniRepLKNet state dicts equal the authors' released layouts, and their parameter
-counts equal those of the authors' model definitions (../shared/spec/RESULTS.md).
+counts equal those of the authors' model definitions (docs/spec/RESULTS.md).
 
 Everything is built on the meta device: no memory, no compute.
 """
@@ -14,7 +14,8 @@ from overlock_mm.backbones import MogaNet, UniRepLKNet
 DATA = Path(__file__).parent / 'data' / 'baseline_keys'
 MOGA_ARCHS = ['xtiny', 'tiny', 'small', 'base', 'large']
 UNIREP_ARCHS = ['a', 'f', 'p', 'n', 't', 's', 'b']
-# RESULTS.md, "Baseline checkpoint layouts": parameter counts (M) of the authors' definitions.
+# docs/spec/RESULTS.md, "Baseline checkpoint layouts": parameter counts (M) of the authors'
+# definitions.
 MOGA_CLS_M = {'xtiny': 2.96, 'tiny': 5.20, 'small': 25.34, 'base': 43.72, 'large': 82.48}
 MOGA_DENSE_M = {'xtiny': 2.76, 'tiny': 4.94, 'small': 24.82, 'base': 43.21, 'large': 81.84}
 UNIREP_CLS_M = {'a': 4.65, 'f': 6.49, 'p': 11.08, 'n': 18.82, 't': 31.69, 's': 56.46, 'b': 99.09}
@@ -83,7 +84,7 @@ def test_unireplknet_cls_layout(arch):
 
 @pytest.mark.parametrize('arch', UNIREP_ARCHS)
 def test_unireplknet_deploy_params(arch):
-    """Re-parameterised counts: the fused network of the release (RESULTS.md). RESULTS.md lists
+    """Re-parameterised counts: the fused network of the release (docs/spec/RESULTS.md). It lists
     UniRepLKNet-F as 6.24M where the count is 6,234,600 (the lists were rounded twice, via
     6.235); every other arch agrees to the 2nd decimal, so compare within half a unit."""
     with torch.device('meta'):

@@ -143,7 +143,7 @@ def test_deploy_configs():
 
 
 def test_param_counts_match_the_paper():
-    """Metafile parameter counts (exact) round to ARCHITECTURE.md's figures."""
+    """Metafile parameter counts (exact) round to docs/spec/ARCHITECTURE.md's figures."""
     paper = {'xt': (16.97, 16.45), 't': (34.48, 33.47), 's': (57.80, 56.16), 'b': (97.43, 94.94)}
     for m in MODELS:
         if m['Name'].startswith('overlock-'):

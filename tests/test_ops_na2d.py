@@ -1,8 +1,8 @@
 """ContMix aggregation op vs an independent brute-force NATTEN-0.17 reference.
 
-The reference below is written from the semantics in ARCHITECTURE.md with explicit Python loops
-(one output pixel at a time), in NATTEN's own [B, G, H, W, taps] layout, so it shares no code or
-layout with the implementation under test.
+The reference below is written from the semantics in docs/spec/ARCHITECTURE.md with explicit
+Python loops (one output pixel at a time), in NATTEN's own [B, G, H, W, taps] layout, so it
+shares no code or layout with the implementation under test.
 """
 from functools import lru_cache
 

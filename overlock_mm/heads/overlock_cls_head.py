@@ -1,6 +1,6 @@
 """Classification head of OverLoCK for mmpretrain, with the deep-supervision aux head.
 
-Layout (released ``head.*`` / ``aux_head.*`` keys, ARCHITECTURE.md "Whole network"):
+Layout (released ``head.*`` / ``aux_head.*`` keys, docs/spec/ARCHITECTURE.md "Whole network"):
 ``head`` = [0 Conv1x1 C -> 1024 (no bias), 1 BN, 2 SiLU, 3 global AvgPool, 4 Conv1x1 1024 -> K];
 ``aux_head`` = [0 BN(C3), 1 global AvgPool, 2 Conv1x1 C3 -> K] on the Overview-Net output,
 trained with ``CE(main) + 0.4 * CE(aux)`` and unused at inference.

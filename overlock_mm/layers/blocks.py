@@ -1,6 +1,7 @@
 """OverLoCK blocks: RepConvBlock (Base-/Overview-Net) and DynamicConvBlock (Focus-Net).
 
-Module names and the order of operations follow the released checkpoints (ARCHITECTURE.md).
+Module names and the order of operations follow the released checkpoints
+(docs/spec/ARCHITECTURE.md).
 """
 from typing import Optional, Tuple
 

@@ -1,4 +1,4 @@
-"""Normalisation and scaling layers of OverLoCK (ARCHITECTURE.md, "Building blocks")."""
+"""Normalisation and scaling layers of OverLoCK (docs/spec/ARCHITECTURE.md, "Building blocks")."""
 from typing import Optional
 
 import torch

@@ -1,9 +1,10 @@
 """UniRepLKNet's dilated re-parameterisable large-kernel block, as used by OverLoCK.
 
 Facts (kernel/dilation tables, key names, fusion rule) from UniRepLKNet (Ding et al., CVPR 2024)
-and the OverLoCK release; see ARCHITECTURE.md. Training form: a dense ``K x K`` depthwise conv and
-several dilated small depthwise convs, each followed by BatchNorm, summed. Deploy form: one dense
-``K x K`` depthwise conv with bias named ``lk_origin`` (the ``*_reparam.pth`` layout).
+and the OverLoCK release; see docs/spec/ARCHITECTURE.md. Training form: a dense ``K x K``
+depthwise conv and several dilated small depthwise convs, each followed by BatchNorm, summed.
+Deploy form: one dense ``K x K`` depthwise conv with bias named ``lk_origin`` (the
+``*_reparam.pth`` layout).
 """
 from typing import Dict, Iterable, List, Mapping, Tuple
 

@@ -17,7 +17,7 @@ backbone) and measures, in one run on the current device:
 
 and writes ``compare_<task>_<size>.md`` (table + notes), ``.png`` (published accuracy vs FLOPs and
 vs measured inference throughput) and ``.json`` (raw numbers) under ``--out-dir``. Published
-accuracy, parameters and FLOPs come from ``../shared/spec/RESULTS.md`` (the authors' papers).
+accuracy, parameters and FLOPs come from ``docs/spec/RESULTS.md`` (the authors' papers).
 
 Examples::
 
@@ -54,7 +54,7 @@ import torch.nn as nn  # noqa: E402
 DET_CFG = 'configs/mmdet/cascade-mask-rcnn_{}_fpn_4conv1fc-giou_8xb2-ms-crop-3x_coco.py'
 SEG_CFG = 'configs/mmseg/upernet_{}_8xb2-160k_ade20k-512x512.py'
 
-#: Published numbers (../shared/spec/RESULTS.md; the authors' papers). ``acc``: box AP / mask AP
+#: Published numbers (docs/spec/RESULTS.md; the authors' papers). ``acc``: box AP / mask AP
 #: (det, Cascade Mask R-CNN MS 3x, GIoU 4conv1fc heads) or single-scale mIoU (seg, UperNet 160k).
 #: OverLoCK released no Cascade numbers; the paper states OverLoCK-S is 1.0 box AP above
 #: MogaNet-B's 52.6, hence 53.6 (mask AP not stated).
@@ -561,7 +561,7 @@ def write_report(task: str, size: str, results: List[Dict], args, out_dir: Path)
                           if 'error' not in r and r.get('aux_params_m')) + ').'
               if task == 'seg' else
               '* Params: every parameter of the training-form model.',
-              '* Published figures: ../shared/spec/RESULTS.md (authors\' papers); Δ in brackets = '
+              '* Published figures: docs/spec/RESULTS.md (authors\' papers); Δ in brackets = '
               'ours vs published.',
               '* Inference: `predict` mode' + ('' if args.no_reparam else
                                                ', re-parameterised backbones (`switch_to_deploy`) '

@@ -1,5 +1,5 @@
 # Cascade Mask R-CNN + FPN with 4conv1fc GIoU box heads and SyncBN in the heads: the standard
-# OpenMMLab recipe for modern backbones (RESULTS.md; the authors released no Cascade config).
+# OpenMMLab recipe for modern backbones (docs/spec/RESULTS.md; the authors released no Cascade config).
 _base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py', 'mmdet::_base_/default_runtime.py',
           './overlock_runtime.py']
 

@@ -1,5 +1,5 @@
 # MS 3x: multi-scale 480-800 short side (max 1333) with the DETR-style crop AutoAugment,
-# 36 epochs, lr steps at 27 and 33, 500-iteration linear warm-up (RESULTS.md recipes).
+# 36 epochs, lr steps at 27 and 33, 500-iteration linear warm-up (docs/spec/RESULTS.md recipes).
 _base_ = ['mmdet::_base_/datasets/coco_instance.py']
 ms_train_scales = [(480, 1333), (512, 1333), (544, 1333), (576, 1333), (608, 1333), (640, 1333),
                    (672, 1333), (704, 1333), (736, 1333), (768, 1333), (800, 1333)]

@@ -1,4 +1,4 @@
-# OverLoCK ImageNet-1K recipe (RESULTS.md, the authors' release): 300 epochs, AdamW lr 1e-3 per
+# OverLoCK ImageNet-1K recipe (docs/spec/RESULTS.md, the authors' release): 300 epochs, AdamW lr 1e-3 per
 # 1024 images (2e-3 at 8 x 256), wd 0.05, cosine to 1e-5 after 5 warm-up epochs from 1e-6,
 # EMA 0.9999, grad clip 5, AMP, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
 # mixup 0.8 / cutmix 1.0, label smoothing 0.1, aux-head loss weight 0.4.
