@@ -213,6 +213,20 @@ def test_refuses_what_is_not_overlock(tmp_path):
     assert cc.main([str(src), str(tmp_path / 'out.pth')]) == 1
 
 
+def test_shape_mismatch_names_the_likely_fix(tmp_path):
+    from overlock_mm.utils.checkpoint import load_backbone_weights
+    src = rc.save(rc.released_cls('xt'), tmp_path / 'overlock_xt_in1k_224.pth')
+    with pytest.raises(CheckpointError, match=r"does not fit this OverLoCK: .* shape mismatches"
+                                              r".*is the arch right\? This model is 't'"):
+        load_backbone_weights(OverLoCK('t'), str(src))
+    # same arch, other input channels: only the stem's first conv differs
+    with pytest.raises(CheckpointError, match=r'patch_embed1\.0\.weight: checkpoint '
+                                              r'\(28, 3, 3, 3\) vs model \(28, 4, 3, 3\); the '
+                                              r'checkpoint takes 3-channel inputs: build the '
+                                              r'backbone with in_channels=3'):
+        load_backbone_weights(OverLoCK('xt', in_channels=4), str(src))
+
+
 def test_uri_without_its_backend_is_named():
     """s3:// goes through mmengine.fileio (torch.hub cannot fetch it); without the backend
     package the error names the URI and the way out."""

@@ -196,12 +196,23 @@ def load_backbone_weights(model: nn.Module, filename: str, prefix: Optional[str]
         raise CheckpointError(f'{filename!r} holds re-parameterised (deploy) weights; build the '
                               'backbone with deploy=True to load it (training-form modules '
                               'cannot be recovered from fused kernels).')
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if mismatched:
-        raise CheckpointError(f'{filename!r} does not fit this OverLoCK (arch {model.arch}): '
-                              f'{len(mismatched)} shape mismatches, e.g. {mismatched[0]}. '
-                              'Is the arch (xt/t/s/b) right?')
+        k, ckpt_shape, model_shape = mismatched[0]
+        if k == 'patch_embed1.0.weight' and ckpt_shape[0] == model_shape[0]:
+            # only the stem's input channels differ
+            hint = (f'the checkpoint takes {ckpt_shape[1]}-channel inputs: build the backbone '
+                    f'with in_channels={ckpt_shape[1]}, or adapt that tensor yourself.')
+        else:
+            named = [n for n, a in type(model).arch_settings.items()
+                     if model._parse_arch(n) == model.arch]
+            hint = (f"is the arch right? This model is {named[0]!r}" if named else
+                    'is the arch right? This model has a custom arch dict')
+            hint += f" ({', '.join(repr(n) for n in type(model).arch_settings)} are released)."
+        raise CheckpointError(f'{filename!r} does not fit this OverLoCK: {len(mismatched)} shape '
+                              f'mismatches, e.g. {k}: checkpoint {ckpt_shape} vs model '
+                              f'{model_shape}; {hint}')
     unused = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd]
     fresh = [k for k in missing if k.startswith(DENSE_ONLY_PREFIXES)]
