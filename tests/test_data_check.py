@@ -112,3 +112,26 @@ def test_train_and_test_tools_check_before_building(tmp_path):
     assert proc.returncode != 0
     assert "test_dataloader.dataset: data_root 'data/demo/coco/'" in proc.stderr
     assert 'val_dataloader' not in proc.stderr
+
+
+@pytest.mark.parametrize('command', ['train', 'val', 'test'])
+def test_config_runner_checks_before_its_loops(command, tmp_path, monkeypatch):
+    """Our configs' runner_type: entry points that never run tools/train.py (mim train, the
+    libraries' scripts) build DataCheckRunner, which checks before building a loop."""
+    from mmengine.registry import RUNNERS
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    cfg = Config.fromfile(DEMO_DET)
+    assert cfg.runner_type == 'DataCheckRunner'
+    cfg.work_dir = str(tmp_path / 'w')
+    runner = RUNNERS.build(cfg)
+    with pytest.raises(FileNotFoundError) as err:
+        getattr(runner, command)()
+    msg = str(err.value)
+    loader = 'train' if command == 'train' else command
+    assert f"{loader}_dataloader.dataset: data_root 'data/demo/coco/' does not exist" in msg
+    assert '(--cfg-options data_check=False skips this check' in msg
+    # switched off, the run goes on to the dataset, which fails its own way
+    cfg.data_check = False
+    with pytest.raises(FileNotFoundError) as err:
+        getattr(RUNNERS.build(cfg), command)()
+    assert 'Fix: put the dataset there' not in str(err.value)

@@ -57,3 +57,18 @@ def test_mim_train_mmdet(tmp_path):
         'train_dataloader.batch_size=1', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1000',
         'default_hooks.checkpoint.interval=1', cwd=tmp_path)
     assert (work / 'iter_1.pth').exists()
+
+
+def test_mim_train_without_data_names_the_paths(tmp_path):
+    """mim runs mmdet's own tools/train.py, not ours: the config's DataCheckRunner checks."""
+    config = str(ROOT / 'configs/demo/cascade-mask-rcnn_overlock-xt_demo.py')
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONPATH='')
+    proc = subprocess.run([MIM, 'train', 'mmdet', config, '--gpus', '0', '--work-dir',
+                           str(tmp_path / 'work')], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "train_dataloader.dataset: data_root 'data/demo/coco/' does not exist" in out, \
+        out[-3000:]
+    assert '--cfg-options train_dataloader.dataset.data_root=/path/to/coco/' in out
+    assert '(--cfg-options data_check=False skips this check' in out

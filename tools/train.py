@@ -76,6 +76,7 @@ def build_cfg(args) -> Config:
         cfg.resume, cfg.load_from = True, args.resume
     if not args.skip_data_check:
         check_data_paths(cfg, 'train')
+    cfg.data_check = False  # checked (or skipped) here: DataCheckRunner need not check again
     return adapt_to_cpu(cfg, args.launcher)
 
 

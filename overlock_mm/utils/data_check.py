@@ -9,6 +9,12 @@ on which config key to change. :func:`check_data_paths` reads the paths the way 
 
 Only local paths are checked: a dataset whose ``data_root`` is a URI (``s3://...``) or that reads
 through a non-local ``backend_args`` backend is left to its backend.
+
+Two places run it: ``tools/train.py`` / ``tools/test.py`` before anything is built, and
+:class:`DataCheckRunner` -- the ``runner_type`` of our configs -- before ``train()`` / ``val()``
+/ ``test()`` build their loops, so that ``mim train`` and each library's own scripts, which
+never run our tools, check too. ``data_check = False`` in a config turns the runner's check off
+(our tools set it once they have checked, or were told to skip).
 """
 import os
 import os.path as osp
@@ -17,8 +23,12 @@ from typing import Iterator, List, Tuple
 #: which loaders (and their evaluators) a command reads
 LOADERS = {
     'train': (('train_dataloader', None), ('val_dataloader', 'val_evaluator')),
+    'val': (('val_dataloader', 'val_evaluator'),),
     'test': (('test_dataloader', 'test_evaluator'),),
 }
+#: how to skip the check, by where it runs
+SKIP_TOOL = '--skip-data-check'
+SKIP_CONFIG = '--cfg-options data_check=False'
 
 
 def _is_remote(path: str, backend_args) -> bool:
@@ -79,15 +89,15 @@ def _evaluator_paths(key: str, evaluator) -> List[Tuple[str, str, str]]:
 
 
 def missing_data_paths(cfg, command: str) -> List[Tuple[str, str, str, str]]:
-    """(owner, what, config key, path) of every local dataset path that ``command`` (``'train'``
-    or ``'test'``) would read and that does not exist. Under a missing ``data_root`` the paths
-    inside it are not listed again."""
+    """(owner, what, config key, path) of every local dataset path that ``command`` (``'train'``,
+    ``'val'`` or ``'test'``) would read and that does not exist. Under a missing ``data_root``
+    the paths inside it are not listed again."""
     missing = []
     for loader_key, evaluator_key in LOADERS[command]:
         loader = cfg.get(loader_key)
         if not loader:
             continue
-        if loader_key == 'val_dataloader' and cfg.get('val_cfg') is None:
+        if command == 'train' and loader_key == 'val_dataloader' and cfg.get('val_cfg') is None:
             continue  # mmengine builds a validation loop whenever val_cfg is not None
         for key, ds in _leaf_datasets(loader.get('dataset'), f'{loader_key}.dataset'):
             for what, opt, path in _dataset_paths(key, ds):
@@ -102,9 +112,10 @@ def missing_data_paths(cfg, command: str) -> List[Tuple[str, str, str, str]]:
     return missing
 
 
-def check_data_paths(cfg, command: str) -> None:
+def check_data_paths(cfg, command: str, skip: str = SKIP_TOOL) -> None:
     """Raise ``FileNotFoundError`` naming every missing dataset path of ``command`` and the
-    ``--cfg-options`` that set them; return quietly when all exist."""
+    ``--cfg-options`` that set them; return quietly when all exist. ``skip`` is how the message
+    says to turn the check off."""
     missing = missing_data_paths(cfg, command)
     if not missing:
         return
@@ -116,10 +127,40 @@ def check_data_paths(cfg, command: str) -> None:
         'Fix: put the dataset there (each library\'s standard layout: README.md, "Train and '
         'test"), run from the folder that holds it, or point the config at it, e.g.\n'
         '  --cfg-options ' + options +
-        '\n(--skip-data-check skips this check, e.g. for a dataset class that finds its files '
-        'itself).')
+        f'\n({skip} skips this check, e.g. for a dataset class that finds its files itself).')
 
 
 def _placeholder(what: str, path: str) -> str:
     name = osp.basename(osp.normpath(path)) or path
     return f'/path/to/{name}' + ('/' if what != 'ann_file' else '')
+
+
+try:
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    @RUNNERS.register_module()
+    class DataCheckRunner(Runner):
+        """mmengine's ``Runner`` that checks the dataset paths of ``train()`` / ``val()`` /
+        ``test()`` (:func:`check_data_paths`) before they build their loops, unless the config
+        says ``data_check = False``. Our configs select it with ``runner_type``, so every entry
+        point that builds the runner from the config (``RUNNERS.build``) checks: our tools,
+        ``mim train`` / ``mim test`` and the libraries' own scripts."""
+
+        def _check_data(self, command: str) -> None:
+            if self.cfg.get('data_check', True):
+                check_data_paths(self.cfg, command, skip=SKIP_CONFIG)
+
+        def train(self):
+            self._check_data('train')
+            return super().train()
+
+        def val(self):
+            self._check_data('val')
+            return super().val()
+
+        def test(self):
+            self._check_data('test')
+            return super().test()
+except ImportError:  # pragma: no cover - mmengine is a requirement; keep the checks importable
+    pass

@@ -1,5 +1,8 @@
 # Shared by every OverLoCK detection config: load overlock_mm, AdamW, SyncBN under DDP.
 custom_imports = dict(imports=['overlock_mm'], allow_failed_imports=False)
+# mmengine's Runner plus a check of the dataset paths before the loops build them, for every
+# entry point (tools/train.py, mim train, the libraries' scripts); data_check = False skips it
+runner_type = 'DataCheckRunner'
 
 # Leaf configs point the backbone's init_cfg at the authors' ImageNet-1K weights (GitHub
 # LMMMEng/OverLoCK, release v1). Loading them into the detection layout leaves `head`/`aux_head`

@@ -8,6 +8,9 @@ _base_ = ['mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
           'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
           'mmpretrain::_base_/default_runtime.py']
 custom_imports = dict(imports=['overlock_mm'], allow_failed_imports=False)
+# mmengine's Runner plus a check of the dataset paths before the loops build them, for every
+# entry point (tools/train.py, mim train, the libraries' scripts); data_check = False skips it
+runner_type = 'DataCheckRunner'
 
 model = dict(
     # An ImageClassifier that also loads the released `overlock_*_in1k_224.pth` files directly.

@@ -2,6 +2,9 @@
 _base_ = ['mmseg::_base_/models/upernet_r50.py', 'mmseg::_base_/datasets/ade20k.py',
           'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py']
 custom_imports = dict(imports=['overlock_mm'], allow_failed_imports=False)
+# mmengine's Runner plus a check of the dataset paths before the loops build them, for every
+# entry point (tools/train.py, mim train, the libraries' scripts); data_check = False skips it
+runner_type = 'DataCheckRunner'
 
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
