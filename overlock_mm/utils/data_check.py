@@ -20,6 +20,9 @@ import os
 import os.path as osp
 from typing import Iterator, List, Tuple
 
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
 #: which loaders (and their evaluators) a command reads
 LOADERS = {
     'train': (('train_dataloader', None), ('val_dataloader', 'val_evaluator')),
@@ -135,32 +138,26 @@ def _placeholder(what: str, path: str) -> str:
     return f'/path/to/{name}' + ('/' if what != 'ann_file' else '')
 
 
-try:
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
+@RUNNERS.register_module()
+class DataCheckRunner(Runner):
+    """mmengine's ``Runner`` that checks the dataset paths of ``train()`` / ``val()`` /
+    ``test()`` (:func:`check_data_paths`) before they build their loops, unless the config says
+    ``data_check = False``. Our configs select it with ``runner_type``, so every entry point that
+    builds the runner from the config (``RUNNERS.build``) checks: our tools, ``mim train`` /
+    ``mim test`` and the libraries' own scripts."""
 
-    @RUNNERS.register_module()
-    class DataCheckRunner(Runner):
-        """mmengine's ``Runner`` that checks the dataset paths of ``train()`` / ``val()`` /
-        ``test()`` (:func:`check_data_paths`) before they build their loops, unless the config
-        says ``data_check = False``. Our configs select it with ``runner_type``, so every entry
-        point that builds the runner from the config (``RUNNERS.build``) checks: our tools,
-        ``mim train`` / ``mim test`` and the libraries' own scripts."""
+    def _check_data(self, command: str) -> None:
+        if self.cfg.get('data_check', True):
+            check_data_paths(self.cfg, command, skip=SKIP_CONFIG)
 
-        def _check_data(self, command: str) -> None:
-            if self.cfg.get('data_check', True):
-                check_data_paths(self.cfg, command, skip=SKIP_CONFIG)
+    def train(self):
+        self._check_data('train')
+        return super().train()
 
-        def train(self):
-            self._check_data('train')
-            return super().train()
+    def val(self):
+        self._check_data('val')
+        return super().val()
 
-        def val(self):
-            self._check_data('val')
-            return super().val()
-
-        def test(self):
-            self._check_data('test')
-            return super().test()
-except ImportError:  # pragma: no cover - mmengine is a requirement; keep the checks importable
-    pass
+    def test(self):
+        self._check_data('test')
+        return super().test()
