@@ -107,9 +107,10 @@ def test_bad_arch_values_and_kernel_options_are_named_at_construction():
                                          r"'reference', 'triton'"):
         OverLoCK(dict(TINY), contmix_impl='trition')
     OverLoCK(dict(TINY), contmix_impl='triton')  # a GPU config built on a CPU-only machine
-    for bad in (None, (None, None, 1.)):
+    for bad in (None, (None, None, 1.), (None, None, None, 1.)):
         with pytest.raises(ValueError, match='ls_init_values needs 4 entries'):
             OverLoCK(dict(TINY), ls_init_values=bad)
+    OverLoCK(dict(TINY), ls_init_values=(None, 1e-6, 1., 1.))
 
 
 def test_bad_inputs():

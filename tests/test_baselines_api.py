@@ -324,6 +324,14 @@ def test_unireplknet_deploy_fuses_training_form_by_load_state_dict():
         for a, b, c in zip(src(x), deploy(x), parent.backbone(x)):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
             assert torch.equal(b, c)
+    # a partial load (load_from with strict=False) fuses what it brings and nothing else:
+    # the other blocks keep their weights, deploy-only tensors (lk_origin.bias) included
+    before = {k: v.clone() for k, v in deploy.state_dict().items()}
+    stage0 = ('stages.0.', 'downsample_layers.0.')
+    deploy.load_state_dict({k: v for k, v in unirep(layout='dense').state_dict().items()
+                            if k.startswith(stage0)}, strict=False)
+    changed = {k for k, v in deploy.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(stage0) for k in changed), sorted(changed)
 
 
 def test_switch_to_deploy_keeps_frozen_stages_frozen():

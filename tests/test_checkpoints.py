@@ -225,6 +225,11 @@ def test_shape_mismatch_names_the_likely_fix(tmp_path):
                                               r'checkpoint takes 3-channel inputs: build the '
                                               r'backbone with in_channels=3'):
         load_backbone_weights(OverLoCK('xt', in_channels=4), str(src))
+    # another arch with a stem as wide (56), and other input channels too: the arch is the fix
+    other = dict(OverLoCK.arch_settings['t'], embed_dims=[56, 128, 256, 512])
+    with pytest.raises(CheckpointError, match=r'is the arch right\? This model has a custom '
+                                              r'arch dict'):
+        load_backbone_weights(OverLoCK(other, in_channels=4), str(src))
 
 
 def test_uri_without_its_backend_is_named():

@@ -166,11 +166,15 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
             'OverLoCK', out_indices, self.num_out_levels,
             '0-3: stride 4/8/16/32 features, 4: the overview context')
 
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        # Stages 3 and 4 also feed the Focus-Net blocks, whose LayerScales always exist.
         if not isinstance(ls_init_values, (list, tuple)) or len(ls_init_values) != 4 or not all(
-                v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
-                for v in ls_init_values):
-            raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage), each '
-                             f'None (no LayerScale) or a number, got {ls_init_values!r}.')
+                number(v) or (v is None and i < 2) for i, v in enumerate(ls_init_values)):
+            raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage): None (no '
+                             f'LayerScale) or a number for stages 1-2, a number for stages 3-4 '
+                             f'(the Focus-Net blocks always have one), got {ls_init_values!r}.')
         # DynamicConvBlock resizes maps smaller than the large kernel up to it, so a small kernel
         # no larger than the large one always fits.
         large = min(kernels[2], kernels[3])

@@ -312,13 +312,20 @@ class UniRepLKNet(FrozenStagesMixin, BaseModule):
                                layer_scale_init_value=self.layer_scale_init_value)
         own = twin.state_dict()
         twin.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-        missing = [k for k in own if k not in sd]
         twin.eval()
         twin.switch_to_deploy()
-        fused = OrderedDict((k, v) for k, v in twin.state_dict().items())
-        # Keep keys the checkpoint lacked (e.g. dense norms) out, so they are reported as fresh.
-        for k in missing:
-            fused.pop(k, None)
+
+        def unit(key: str) -> str:
+            # a block's fused tensors (deploy-only names among them) stand for its training-form
+            # tensors; every other tensor is named alike in both forms
+            parts = key.split('.')
+            return '.'.join(parts[:3]) + '.' if parts[0] == 'stages' else key
+
+        given = {unit(k) for k in sd}
+        # Only what the state dict brought: a partial load (load_from with strict=False) must not
+        # overwrite other blocks with the twin's fresh values, and keys the checkpoint lacked
+        # (e.g. dense norms) stay out, so they are reported as fresh.
+        fused = OrderedDict((k, v) for k, v in twin.state_dict().items() if unit(k) in given)
         fused.update({k: v for k, v in sd.items() if k not in own})  # report unused keys
         return fused
 

@@ -200,7 +200,8 @@ def load_backbone_weights(model: nn.Module, filename: str, prefix: Optional[str]
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         k, ckpt_shape, model_shape = mismatched[0]
-        if k == 'patch_embed1.0.weight' and ckpt_shape[0] == model_shape[0]:
+        if len(mismatched) == 1 and k == 'patch_embed1.0.weight' and \
+                ckpt_shape[0] == model_shape[0]:
             # only the stem's input channels differ
             hint = (f'the checkpoint takes {ckpt_shape[1]}-channel inputs: build the backbone '
                     f'with in_channels={ckpt_shape[1]}, or adapt that tensor yourself.')
