@@ -71,9 +71,9 @@ def main():
         enable_visualization(cfg, args.show_dir)
     if not args.skip_data_check:
         check_data_paths(cfg, 'test')
-    cfg.data_check = False  # checked (or skipped) here: DataCheckRunner need not check again
     cfg = adapt_to_cpu(cfg, args.launcher)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner.paths_checked = True  # checked above (or told to skip): DataCheckRunner need not
     if args.out:
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))

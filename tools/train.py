@@ -76,13 +76,13 @@ def build_cfg(args) -> Config:
         cfg.resume, cfg.load_from = True, args.resume
     if not args.skip_data_check:
         check_data_paths(cfg, 'train')
-    cfg.data_check = False  # checked (or skipped) here: DataCheckRunner need not check again
     return adapt_to_cpu(cfg, args.launcher)
 
 
 def main():
     cfg = build_cfg(parse_args())
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner.paths_checked = True  # build_cfg checked them (or was told to skip): DataCheckRunner
     runner.train()
 
 

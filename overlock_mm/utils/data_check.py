@@ -12,9 +12,11 @@ through a non-local ``backend_args`` backend is left to its backend.
 
 Two places run it: ``tools/train.py`` / ``tools/test.py`` before anything is built, and
 :class:`DataCheckRunner` -- the ``runner_type`` of our configs -- before ``train()`` / ``val()``
-/ ``test()`` build their loops, so that ``mim train`` and each library's own scripts, which
-never run our tools, check too. ``data_check = False`` in a config turns the runner's check off
-(our tools set it once they have checked, or were told to skip).
+/ ``test()`` build their loops, so that ``mim train`` / ``mim test`` and the libraries' own
+scripts, which never run our tools, check too -- those that build the runner from
+``runner_type``: all train scripts, mmdet's and mmpretrain's test scripts (mmseg 1.2.2's
+``tools/test.py`` builds a plain ``Runner``). ``data_check = False`` in a config turns the
+runner's check off; our tools, having checked already, set ``paths_checked`` on the runner.
 """
 import os
 import os.path as osp
@@ -143,11 +145,14 @@ class DataCheckRunner(Runner):
     """mmengine's ``Runner`` that checks the dataset paths of ``train()`` / ``val()`` /
     ``test()`` (:func:`check_data_paths`) before they build their loops, unless the config says
     ``data_check = False``. Our configs select it with ``runner_type``, so every entry point that
-    builds the runner from the config (``RUNNERS.build``) checks: our tools, ``mim train`` /
-    ``mim test`` and the libraries' own scripts."""
+    builds the runner from the config (``RUNNERS.build``) checks (module docstring: which)."""
+
+    #: True where the caller has checked the paths itself (tools/train.py, tools/test.py): not
+    #: a config key, so that a config dumped into the work dir keeps checking when reused
+    paths_checked = False
 
     def _check_data(self, command: str) -> None:
-        if self.cfg.get('data_check', True):
+        if not self.paths_checked and self.cfg.get('data_check', True):
             check_data_paths(self.cfg, command, skip=SKIP_CONFIG)
 
     def train(self):
