@@ -45,6 +45,11 @@ def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def is_number(x) -> bool:
+    """A Python int or float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_out_indices(owner: str, out_indices, num: int, what: str) -> Tuple[int, ...]:
     """Normalise ``out_indices`` (int or sequence, negatives allowed) to sorted unique indices
     in ``range(num)``, or raise ValueError; ``what`` says what the indices select."""

@@ -29,7 +29,7 @@ from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ..utils.checkpoint import fuse_training_weights_pre_hook, load_backbone_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
-                      is_int, pretrained_and_rest, select_arch)
+                      is_int, is_number, pretrained_and_rest, select_arch)
 from ._freezing import FrozenStagesMixin
 
 LAYOUTS = ('cls', 'seg', 'det')
@@ -166,12 +166,9 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
             'OverLoCK', out_indices, self.num_out_levels,
             '0-3: stride 4/8/16/32 features, 4: the overview context')
 
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
         # Stages 3 and 4 also feed the Focus-Net blocks, whose LayerScales always exist.
         if not isinstance(ls_init_values, (list, tuple)) or len(ls_init_values) != 4 or not all(
-                number(v) or (v is None and i < 2) for i, v in enumerate(ls_init_values)):
+                is_number(v) or (v is None and i < 2) for i, v in enumerate(ls_init_values)):
             raise ValueError(f'OverLoCK: ls_init_values needs 4 entries (one per stage): None (no '
                              f'LayerScale) or a number for stages 1-2, a number for stages 3-4 '
                              f'(the Focus-Net blocks always have one), got {ls_init_values!r}.')
@@ -244,8 +241,7 @@ class OverLoCK(FrozenStagesMixin, BaseModule):
         for field, n in (('depths', 4), ('sub_depths', 2), ('embed_dims', 4), ('kernel_sizes', 4),
                          ('num_heads', 2), ('mlp_ratio', 4), ('sub_mlp_ratio', 2)):
             value = arch[field]
-            positive = (is_int if 'ratio' not in field else
-                        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+            positive = is_number if 'ratio' in field else is_int
             if not isinstance(value, list) or len(value) != n or \
                     not all(positive(v) and v > 0 for v in value):
                 kind = 'positive numbers' if 'ratio' in field else 'positive ints'

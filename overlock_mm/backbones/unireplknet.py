@@ -37,7 +37,7 @@ from ..layers.norm import LayerNorm2d
 from ..layers.unirep import PLAIN_KERNELS, UNIREPLKNET_BRANCHES, UniRepLKNetBlock
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
-from ..utils.checkpoint import is_reparameterized
+from ..utils.checkpoint import is_reparameterized, rewrite_under_prefix
 from ._baseline_utils import load_released_weights
 from ._checks import (check_frozen_stages, check_input, check_out_indices, per_stage_flags,
                       pretrained_and_rest, select_arch)
@@ -77,16 +77,8 @@ def _fuse_training_form(module: 'UniRepLKNet', state_dict: dict, prefix: str, *a
     """``load_state_dict`` pre-hook: training-form weights (BNs, dilated branches, GRN bias,
     layer scale) arriving at a re-parameterised (``deploy``) UniRepLKNet are fused in place,
     with the network's own :meth:`UniRepLKNet.switch_to_deploy`."""
-    if not module.deploy:
-        return
-    own = [k for k in state_dict if k.startswith(prefix)]
-    sub = OrderedDict((k[len(prefix):], state_dict[k]) for k in own)
-    fused = module._training_form_to_deploy(sub)
-    if fused is sub:  # already in deploy form (or nothing of ours)
-        return
-    for k in own:
-        del state_dict[k]
-    state_dict.update((prefix + k, v) for k, v in fused.items())
+    if module.deploy:  # _training_form_to_deploy returns a deploy-form dict as it is
+        rewrite_under_prefix(state_dict, prefix, module._training_form_to_deploy)
 
 
 @MODELS.register_module()

@@ -11,7 +11,7 @@ import io
 import pickle
 import re
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -206,8 +206,7 @@ def load_backbone_weights(model: nn.Module, filename: str, prefix: Optional[str]
             hint = (f'the checkpoint takes {ckpt_shape[1]}-channel inputs: build the backbone '
                     f'with in_channels={ckpt_shape[1]}, or adapt that tensor yourself.')
         else:
-            named = [n for n, a in type(model).arch_settings.items()
-                     if model._parse_arch(n) == model.arch]
+            named = [n for n in type(model).arch_settings if model._parse_arch(n) == model.arch]
             hint = (f"is the arch right? This model is {named[0]!r}" if named else
                     'is the arch right? This model has a custom arch dict')
             hint += f" ({', '.join(repr(n) for n in type(model).arch_settings)} are released)."
@@ -295,23 +294,35 @@ def fuse_training_weights_pre_hook(module: nn.Module, state_dict: dict, prefix: 
     ``dil_conv_k*``) arriving at a re-parameterised (``deploy``) model are fused in place, so any
     checkpoint loads into a deploy model by any route (``load_from``, ``init_cfg``, EMA copies).
     Re-parameterised weights arriving at a training-form model are refused."""
+    def fuse(sub: 'OrderedDict[str, torch.Tensor]') -> 'OrderedDict[str, torch.Tensor]':
+        if getattr(module, 'deploy', False):
+            training_form = any(k.endswith('.origin_bn.weight') for k in sub)
+            return reparameterize_state_dict(sub) if training_form else sub
+        if is_reparameterized(sub):
+            raise CheckpointError(
+                'the checkpoint holds re-parameterised (deploy) OverLoCK weights but the model is '
+                'in training form; build the backbone with deploy=True (e.g. --cfg-options '
+                'model.backbone.deploy=True or a *_deploy.py config) to load it.')
+        return sub
+
+    rewrite_under_prefix(state_dict, prefix, fuse)
+
+
+def rewrite_under_prefix(state_dict: dict, prefix: str, fn: Callable[[dict], dict]) -> None:
+    """A backbone's ``load_state_dict`` pre-hook step: the entries under ``prefix`` (the
+    backbone's own, e.g. ``'backbone.'`` in a detector) go through ``fn`` without the prefix,
+    and a different dict it returns replaces them in place; ``fn`` returning its argument leaves
+    them as they are. Nothing under the prefix: nothing to do."""
     own = [k for k in state_dict if k.startswith(prefix)]
     if not own:
         return
     sub = OrderedDict((k[len(prefix):], state_dict[k]) for k in own)
-    training_form = any(k.endswith('.origin_bn.weight') for k in sub)
-    if getattr(module, 'deploy', False):
-        if not training_form:
-            return
-        fused = reparameterize_state_dict(sub)
-        for k in own:
-            del state_dict[k]
-        state_dict.update((prefix + k, v) for k, v in fused.items())
-    elif is_reparameterized(sub):
-        raise CheckpointError(
-            'the checkpoint holds re-parameterised (deploy) OverLoCK weights but the model is in '
-            'training form; build the backbone with deploy=True (e.g. --cfg-options '
-            'model.backbone.deploy=True or a *_deploy.py config) to load it.')
+    new = fn(sub)
+    if new is sub:
+        return
+    for k in own:
+        del state_dict[k]
+    state_dict.update((prefix + k, v) for k, v in new.items())
 
 
 # ----------------------------------------------------------------- load_from=<released file>

@@ -378,10 +378,11 @@ class GemmRate:
     the same seconds -- the other side of the roofline model, ``max(bytes / bandwidth, FLOPs /
     rate)``. It matters where a call's arithmetic is heavy for its bytes: the k = 13 forward
     makes 16 multiply-adds per attention weight read, and on the 2-vCPU AMD EPYC VM its FLOPs
-    at the GEMM rate (~160-177 GFLOP/s with two threads, MKL) take about as long as its bytes
-    at the copy bandwidth. A rate, not the FMA peak: our block kernel alone ran 107-112 GFLOP/s
-    a thread there, MKL's GEMM ~96. ``n`` = 512 on the CPU (3 MB of operands, cache-resident:
-    ~1.6 ms a call there), 4096 on CUDA (timed by :func:`graph_time`).
+    at the GEMM rate (158-194 GFLOP/s with two threads, MKL, in 2026-11-29's runs) take
+    1.14-1.21x as long as its bytes at the copy bandwidth. A rate, not the FMA peak: our block
+    kernel alone ran 107-112 GFLOP/s a thread there, MKL's GEMM ~96. ``n`` = 512 on the CPU
+    (3 MB of operands, cache-resident: ~1.6 ms a call there), 4096 on CUDA (timed by
+    :func:`graph_time`).
     """
 
     def __init__(self, device: torch.device, n: Optional[int] = None) -> None:
