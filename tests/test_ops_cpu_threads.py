@@ -86,7 +86,7 @@ def _child_forward(attn, value, queue):
     # torch may give a forked child one thread, so the kernel is asked for two directly
     out = torch.empty_like(value)
     na2d_cpu.load().na2d_forward_f32(attn.data_ptr(), value.data_ptr(), out.data_ptr(),
-                                     B * G, D, H, W, K, 2)
+                                     B * G, D, H, W, K, 0, 2)  # 0: attn contiguous
     queue.put(out.numpy().tobytes())  # plain bytes: the child exits before the parent reads
 
 

@@ -3,15 +3,20 @@
 The reference below is written from the semantics in docs/spec/ARCHITECTURE.md with explicit
 Python loops (one output pixel at a time), in NATTEN's own [B, G, H, W, taps] layout, so it
 shares no code or layout with the implementation under test.
+
+Every implementation gets the weights in both layouts the op accepts (``LAYOUTS``): contiguous
+``[B, G, k*k, H, W]`` and pixel-major (a permuted view of NATTEN's layout), which the ``'cpu'``
+kernel reads with code paths of its own.
 """
 from functools import lru_cache
 
 import pytest
 import torch
 
-from overlock_mm.ops import available_impls, na2d_av
+from overlock_mm.ops import available_impls, is_pixel_major, na2d_av, prefers_pixel_major
 
 IMPLS = available_impls()
+LAYOUTS = ('contiguous', 'pixel-major')
 
 
 def brute_force_av(attn_nat: torch.Tensor, v_nat: torch.Tensor, k: int) -> torch.Tensor:
@@ -28,8 +33,18 @@ def brute_force_av(attn_nat: torch.Tensor, v_nat: torch.Tensor, k: int) -> torch
     return out
 
 
-def to_ours(attn_nat, v_nat):
-    return attn_nat.permute(0, 1, 4, 2, 3), v_nat.permute(0, 1, 4, 2, 3)
+def to_ours(attn_nat, v_nat, layout='pixel-major'):
+    """Our [B, G, k*k, H, W] / [B, G, D, H, W] views; ``attn`` contiguous or pixel-major."""
+    attn = attn_nat.permute(0, 1, 4, 2, 3)
+    if layout == 'contiguous':
+        attn = attn.contiguous()
+    assert is_pixel_major(attn) == (layout == 'pixel-major' and attn_nat.shape[-1] > 1)
+    return attn, v_nat.permute(0, 1, 4, 2, 3)
+
+
+def leaf(t):
+    """``t`` as a leaf that requires grad, strides unchanged."""
+    return t.detach().requires_grad_()
 
 
 def from_ours(out):
@@ -54,21 +69,23 @@ def make(B, G, D, H, W, k, dtype=torch.float64, seed=0):
     return attn, v
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('k,H,W', CASES)
-def test_forward_matches_brute_force(impl, k, H, W):
+def test_forward_matches_brute_force(impl, k, H, W, layout):
     attn, v = make(2, 3, 4, H, W, k)
     expected = brute_force_av(attn, v, k)
-    out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+    out = from_ours(na2d_av(*to_ours(attn, v, layout), k, impl=impl))
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('k,H,W,D', [(7, 15, 17, 8), (13, 16, 70, 24)])
-def test_forward_float32_tolerance(impl, k, H, W, D):
+def test_forward_float32_tolerance(impl, k, H, W, D, layout):
     attn, v = make(1, 2, D, H, W, k, dtype=torch.float32)
     expected = brute_force_av(attn.double(), v.double(), k)
-    out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+    out = from_ours(na2d_av(*to_ours(attn, v, layout), k, impl=impl))
     assert (out.double() - expected).abs().max() < 1e-5
 
 
@@ -85,15 +102,16 @@ BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
                                                                        (3, 113, 16)]
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('k,W,D', BLOCK_CASES)
-def test_forward_block_kernels(impl, dtype, k, W, D):
+def test_forward_block_kernels(impl, dtype, k, W, D, layout):
     H = k + 3
     attn, v = make(1, 2, D, H, W, k, dtype=dtype, seed=k + W)
     expected = brute_force_av(attn.double(), v.double(), k)
     with torch.no_grad():
-        out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+        out = from_ours(na2d_av(*to_ours(attn, v, layout), k, impl=impl))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert (out.double() - expected).abs().max() < tol
 
@@ -102,7 +120,8 @@ def test_forward_block_kernels(impl, dtype, k, W, D):
 # puts more than 4 of a window row's taps into one L1 set (it repeats every 4 KB); then from a
 # packed copy per block.  The cases above read directly; maps whose plane is a multiple of 4 KB
 # take the copy at every compiled k > 4 (k = 3 never does): 16 x 64 with 16-pixel blocks,
-# 128 x 56 with 14-pixel blocks, in both dtypes.
+# 128 x 56 with 14-pixel blocks, in both dtypes.  (Contiguous weights only: pixel-major ones are
+# always read in place.)
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('k', [5, 7, 9, 11, 13])
@@ -111,35 +130,38 @@ def test_forward_block_kernels_packed_taps(impl, dtype, k, H, W):
     attn, v = make(1, 2, 16, H, W, k, dtype=dtype, seed=k)
     expected = brute_force_av(attn.double(), v.double(), k)
     with torch.no_grad():
-        out = from_ours(na2d_av(*to_ours(attn, v), k, impl=impl))
+        out = from_ours(na2d_av(*to_ours(attn, v, 'contiguous'), k, impl=impl))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert (out.double() - expected).abs().max() < tol
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('k,H,W,D', [(5, 7, 9, 8), (7, 9, 12, 16), (13, 15, 40, 16),
                                      (13, 14, 20, 24)])
-def test_float32_gradients(impl, k, H, W, D):
+def test_float32_gradients(impl, k, H, W, D, layout):
     # float32 has twice float64's SIMD lanes: rows narrower than a vector (9, 12 < 16), rows of
     # one border-only tile and wide rows take different kernel paths than in float64
     attn, v = make(1, 2, D, H, W, k, dtype=torch.float32, seed=3)
     g = torch.randn(1, 2, H, W, D, generator=torch.Generator().manual_seed(4))
     a1, v1 = attn.double().requires_grad_(), v.double().requires_grad_()
     (brute_force_av(a1, v1, k) * g.double()).sum().backward()
-    a2, v2 = (t.contiguous().requires_grad_() for t in to_ours(attn, v))
+    a2, v2 = (leaf(t) for t in to_ours(attn, v, layout))
     out = from_ours(na2d_av(a2, v2, k, impl=impl))
     (out * g).sum().backward()
+    check_grad_layout(impl, a2)
     assert (out.double() - brute_force_av(attn.double(), v.double(), k)).abs().max() < 1e-5
     assert (a2.grad.permute(0, 1, 3, 4, 2).double() - a1.grad).abs().max() < 1e-4
     assert (v2.grad.permute(0, 1, 3, 4, 2).double() - v1.grad).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('k,H,W', [(3, 3, 4), (3, 5, 3), (5, 5, 6), (5, 7, 9), (7, 8, 7)])
-def test_gradcheck_float64(impl, k, H, W):
+def test_gradcheck_float64(impl, k, H, W, layout):
     attn, v = make(1, 2, 3, H, W, k)
-    a, vv = to_ours(attn, v)
-    a = a.contiguous().requires_grad_()
+    a, vv = to_ours(attn, v, layout)
+    a = leaf(a)
     vv = vv.contiguous().requires_grad_()
     # fast_mode checks random projections of the Jacobian (the full Jacobian has k*k*H*W columns);
     # test_gradients_match_brute_force compares full gradients.
@@ -164,25 +186,38 @@ def brute_force_grads(k, H, W, D):
     return attn, v, g, a1.grad, v1.grad
 
 
+def check_grad_layout(impl, attn):
+    """The 'cpu' kernel returns grad_attn in the weights' layout (what the softmax before it
+    reads); the others return it contiguous."""
+    pixels = is_pixel_major(attn)
+    if impl == 'cpu' and pixels:
+        assert is_pixel_major(attn.grad)
+    elif not pixels:
+        assert attn.grad.is_contiguous()
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('k,H,W,D', GRAD_CASES)
-def test_gradients_match_brute_force(impl, k, H, W, D):
+def test_gradients_match_brute_force(impl, k, H, W, D, layout):
     attn, v, g, grad_attn, grad_v = brute_force_grads(k, H, W, D)
-    a2, v2 = to_ours(attn, v)
-    a2 = a2.contiguous().requires_grad_()
+    a2, v2 = to_ours(attn, v, layout)
+    a2 = leaf(a2)
     v2 = v2.contiguous().requires_grad_()
     (from_ours(na2d_av(a2, v2, k, impl=impl)) * g).sum().backward()
+    check_grad_layout(impl, a2)
     torch.testing.assert_close(a2.grad.permute(0, 1, 3, 4, 2), grad_attn)
     torch.testing.assert_close(v2.grad.permute(0, 1, 3, 4, 2), grad_v)
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_autocast(impl, dtype):
+def test_autocast(impl, dtype, layout):
     attn, v = make(1, 2, 8, 9, 11, 5, dtype=torch.float32)
     expected = brute_force_av(attn.double(), v.double(), 5)
-    a, vv = to_ours(attn, v)
-    a = a.contiguous().requires_grad_()
+    a, vv = to_ours(attn, v, layout)
+    a = leaf(a)
     vv = vv.contiguous().requires_grad_()
     with torch.autocast('cpu', dtype=dtype):
         out = na2d_av(a, vv, 5, impl=impl)
@@ -192,6 +227,16 @@ def test_autocast(impl, dtype):
     out.float().sum().backward()
     assert a.grad is not None and a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
     assert vv.grad is not None and vv.grad.dtype == torch.float32
+
+
+def test_prefers_pixel_major():
+    """Only the 'cpu' kernel asks for pixel-major weights, and only on the CPU (where 'auto'
+    picks it)."""
+    assert not prefers_pixel_major('reference', 'cpu')
+    assert not prefers_pixel_major('native', 'cpu')
+    assert not prefers_pixel_major('auto', 'cuda')
+    assert prefers_pixel_major('cpu', 'cpu') == ('cpu' in IMPLS)
+    assert prefers_pixel_major('auto', 'cpu') == ('cpu' in IMPLS)
 
 
 def test_saved_for_backward_is_lean():

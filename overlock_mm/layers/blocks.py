@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
+from ..ops import prefers_pixel_major
 from ..utils.activation_checkpoint import sequential_with_recompute
 from .contmix import NUM_REGIONS_SIDE, contmix_aggregate, contmix_kernels
 from .conv import DWConv2d, ResDWConv, SEModule, conv_bn
@@ -188,7 +189,10 @@ class DynamicConvBlock(nn.Module):
         query = (self.weight_query(query) * self.scale).view(b, g, -1, hh * ww)
         key = self.weight_key(context).view(b, g, -1, NUM_REGIONS_SIDE ** 2)
         affinity = torch.einsum('bgcn,bgcl->bgnl', query, key)  # [B, G, HW, 49]
-        small, large = contmix_kernels(affinity, self.weight_proj, self.rpb1, self.rpb2, hh, ww)
+        # in the layout the aggregation reads fastest (pixel-major for the CPU kernel)
+        pixel_major = prefers_pixel_major(self.contmix_impl, x.device.type)
+        small, large = contmix_kernels(affinity, self.weight_proj, self.rpb1, self.rpb2, hh, ww,
+                                       pixel_major)
         x = contmix_aggregate(x, small, large, (self.smk_size, self.kernel_size),
                               impl=self.contmix_impl)
         if size != (h, w):

@@ -10,6 +10,7 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import na2d_av, relative_position_index
 
@@ -22,8 +23,10 @@ def _rpb_index(h: int, w: int, k: int, device: torch.device) -> Tuple[torch.Tens
     return relative_position_index(h, k, device), relative_position_index(w, k, device)
 
 
-def relative_position_bias(rpb: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Expand a ``[G, 2k-1, 2k-1]`` table into per-pixel tap biases ``[G, k*k, H, W]``.
+def relative_position_bias(rpb: torch.Tensor, h: int, w: int,
+                           pixel_major: bool = False) -> torch.Tensor:
+    """Expand a ``[G, 2k-1, 2k-1]`` table into per-pixel tap biases ``[G, k*k, H, W]``
+    (``[G, H, W, k*k]`` if ``pixel_major``).
 
     Tap ``(a, b)`` of pixel ``(i, j)`` reads ``rpb[g, p(i) + a, p(j) + b]`` (NATTEN 0.17).
     """
@@ -32,6 +35,10 @@ def relative_position_bias(rpb: torch.Tensor, h: int, w: int) -> torch.Tensor:
     # cache it would warn that it ignores the cache
     index = _rpb_index.__wrapped__ if torch.compiler.is_compiling() else _rpb_index
     ri, rj = index(h, w, k, rpb.device)  # [H, k], [W, k]
+    if pixel_major:  # the same gathers, indices ordered (position, tap)
+        rows = rpb.index_select(1, ri.reshape(-1))  # [G, H * k(a), 2k-1]
+        bias = rows.index_select(2, rj.reshape(-1))  # [G, H * k(a), W * k(b)]
+        return bias.view(g, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(g, h, w, k * k)
     # Two index_selects (rows, then columns) instead of one advanced-indexing gather: the
     # gather's backward is an accumulating index_put, which ran 25 ms per call on CPU at
     # detection size; index_select's backward is index_add on the small row-gathered table.
@@ -41,7 +48,8 @@ def relative_position_bias(rpb: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def contmix_kernels(affinity: torch.Tensor, proj: nn.Conv2d, rpb_small: torch.Tensor,
-                    rpb_large: torch.Tensor, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    rpb_large: torch.Tensor, h: int, w: int,
+                    pixel_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Turn pixel-to-region affinities into the two softmax-normalised dynamic kernels.
 
     Args:
@@ -49,17 +57,29 @@ def contmix_kernels(affinity: torch.Tensor, proj: nn.Conv2d, rpb_small: torch.Te
         proj: the ``weight_proj`` 1x1 conv mapping 49 regions to ``s*s + K*K`` taps.
         rpb_small, rpb_large: relative position bias tables ``[G, 2s-1, 2s-1]``,
             ``[G, 2K-1, 2K-1]``.
+        h, w: the map's size (``H * W`` pixels).
+        pixel_major: write the kernels with each pixel's taps consecutive
+            (:func:`overlock_mm.ops.is_pixel_major`), for an aggregation that reads them fastest
+            so (:func:`overlock_mm.ops.prefers_pixel_major`); same values, same shapes.
 
     Returns:
         ``([B, G, s*s, H, W], [B, G, K*K, H, W])`` kernels, each summing to one over taps.
     """
     b, g, n, _ = affinity.shape
     taps = proj.out_channels
+    s2 = rpb_small.shape[-1] // 2 + 1
+    if pixel_major:
+        # the 1x1 conv as a linear map on the last axis: [B, G, HW, 49] -> [B, G, HW, T]
+        logits = F.linear(affinity, proj.weight.view(taps, -1).to(affinity.dtype),
+                          proj.bias.to(affinity.dtype)).view(b, g, h, w, taps)
+        small, large = logits.split([s2 * s2, taps - s2 * s2], dim=-1)
+        small = (small + relative_position_bias(rpb_small, h, w, pixel_major=True)).softmax(dim=-1)
+        large = (large + relative_position_bias(rpb_large, h, w, pixel_major=True)).softmax(dim=-1)
+        return small.permute(0, 1, 4, 2, 3), large.permute(0, 1, 4, 2, 3)
     # The 1x1 conv across the 49 region channels, as a matmul: [T, 49] @ [B, G, 49, HW].
     logits = torch.matmul(proj.weight.view(taps, -1).to(affinity.dtype), affinity.transpose(-1, -2))
     logits = logits + proj.bias.view(taps, 1).to(logits.dtype)
     logits = logits.view(b, g, taps, h, w)
-    s2 = rpb_small.shape[-1] // 2 + 1
     small, large = logits.split([s2 * s2, taps - s2 * s2], dim=2)
     small = (small + relative_position_bias(rpb_small, h, w)).softmax(dim=2)
     large = (large + relative_position_bias(rpb_large, h, w)).softmax(dim=2)

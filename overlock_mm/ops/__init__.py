@@ -1,8 +1,10 @@
 """Custom operators. ``na2d_av`` is ContMix's neighbourhood aggregation; ``depthwise_conv2d``
 the large-kernel depthwise convolution with a faster CPU path."""
 from .dwconv import depthwise_conv2d
-from .neighborhood import (auto_impl, available_impls, known_impls, na2d_av, na2d_av_reference,
-                           register_impl, relative_position_index, window_start)
+from .neighborhood import (auto_impl, available_impls, is_pixel_major, known_impls, na2d_av,
+                           na2d_av_reference, prefers_pixel_major, register_impl,
+                           relative_position_index, window_start)
 
 __all__ = ['na2d_av', 'na2d_av_reference', 'available_impls', 'known_impls', 'auto_impl',
-           'register_impl', 'depthwise_conv2d', 'relative_position_index', 'window_start']
+           'register_impl', 'is_pixel_major', 'prefers_pixel_major', 'depthwise_conv2d',
+           'relative_position_index', 'window_start']

@@ -14,6 +14,12 @@ renamed into place, so concurrent processes (pytest-xdist, several trainers) are
 If no compiler is available or the build fails, the implementation warns once and runs
 ``'native'`` instead; ``OVERLOCK_MM_NO_CPU_EXT=1`` disables the kernel on purpose.
 
+``attn`` is read in either layout of :mod:`~overlock_mm.ops.neighborhood`: contiguous, or
+pixel-major without a copy (then ``grad_attn`` comes back pixel-major too). Pixel-major is the
+faster one -- a block of pixels finds its taps in one run of memory, which the kernel prefetches
+as such, instead of ``k*k`` planes a map apart -- so :func:`~overlock_mm.ops.prefers_pixel_major`
+asks ContMix for it on the CPU.
+
 State kept for backward: ``attn`` and ``value`` only, like ``'native'``. Backward allocates its
 two outputs plus O(value)-sized padded copies of ``value`` / ``grad_out`` (no ``k*k``-fold
 neighbourhood tensor). float32 and float64 run natively; float16 / bfloat16 (autocast) are
@@ -35,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_lean,
-                           lean_av_function)
+                           is_pixel_major, lean_av_function)
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
 # every file the build reads: its bytes are part of the cache key
@@ -55,10 +61,11 @@ _lock = threading.Lock()
 _state = {'lib': None, 'tried': False, 'error': None}
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+# (..., k, [row stride,] pixel_major, threads)
 _SIGS = {
-    'forward': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _int],
-    'grad_attn': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
-    'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int],
+    'forward': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _int, _int],
+    'grad_attn': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
+    'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
 }
 _SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
 
@@ -187,28 +194,52 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def _layout(attn: torch.Tensor) -> int:
+    """1 where ``attn`` is pixel-major (:func:`~overlock_mm.ops.is_pixel_major`), 0 where it is
+    contiguous; the raw calls take nothing else."""
+    if attn.is_contiguous():
+        return 0
+    if is_pixel_major(attn):
+        return 1
+    raise ValueError('na2d cpu kernel: attn must be contiguous [B, G, k*k, H, W] or pixel-major '
+                     f'(a permuted contiguous [B, G, H, W, k*k]); got strides {attn.stride()}.')
+
+
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
-    """Raw forward on contiguous float32/float64 CPU tensors (no autograd)."""
+    """Raw forward on float32/float64 CPU tensors (no autograd): ``value`` contiguous, ``attn``
+    contiguous or pixel-major."""
     lib = _lib()
     suf = _SUFFIX[value.dtype]
     bg, d, h, w = _dims(value)
     out = torch.empty_like(value)
     fn = getattr(lib, f'na2d_forward_{suf}')
-    fn(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d, h, w, k, torch.get_num_threads())
+    fn(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d, h, w, k, _layout(attn),
+       torch.get_num_threads())
     return out
 
 
-def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+def _grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int, pm: int) -> torch.Tensor:
     lib = _lib()
     suf = _SUFFIX[value.dtype]
     lanes = getattr(lib, f'na2d_lanes_{suf}')()
     b, g, d, h, w = value.shape
-    gattn = value.new_empty((b, g, k * k, h, w))
+    gattn = (value.new_empty((b, g, h, w, k * k)).permute(0, 1, 4, 2, 3) if pm
+             else value.new_empty((b, g, k * k, h, w)))
     vp = _padded_rows(value, lanes)
     fn = getattr(lib, f'na2d_grad_attn_{suf}')
-    fn(grad_out.data_ptr(), vp.data_ptr(), gattn.data_ptr(), b * g, d, h, w, k, w + lanes,
+    fn(grad_out.data_ptr(), vp.data_ptr(), gattn.data_ptr(), b * g, d, h, w, k, w + lanes, pm,
        torch.get_num_threads())
     return gattn
+
+
+def grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+    """``grad_attn``, contiguous (for a contiguous ``attn``)."""
+    return _grad_attn(grad_out, value, k, 0)
+
+
+def grad_attn_pixel_major(grad_out: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+    """``grad_attn``, pixel-major (for a pixel-major ``attn``)."""
+    return _grad_attn(grad_out, value, k, 1)
 
 
 def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tensor:
@@ -224,13 +255,17 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
     gvalue = torch.empty_like(grad_out)
     fn = getattr(lib, f'na2d_grad_value_{suf}')
     fn(attn.data_ptr(), grad_out.data_ptr(), gpad.data_ptr(), gvalue.data_ptr(), b * g, d, h, w, k,
-       wg, torch.get_num_threads())
+       wg, _layout(attn), torch.get_num_threads())
     return gvalue
 
 
-# Saves ``attn`` and ``value`` only; both gradients come from the C++ kernel.
+# Save ``attn`` and ``value`` only; both gradients come from the C++ kernel. One function per
+# layout of ``attn``, whose gradient has the same layout (what the softmax before it reads).
 _CpuNeighborhoodAV = lean_av_function('_CpuNeighborhoodAV', forward, grad_attn, grad_value,
                                       op_prefix='na2d_cpu')
+_CpuNeighborhoodAVPixels = lean_av_function(
+    '_CpuNeighborhoodAVPixels', forward, grad_attn_pixel_major, grad_value,
+    op_prefix='na2d_cpu_pixels', pixel_major=True)
 
 
 def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -245,6 +280,11 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
         return _na2d_av_native(attn, value, kernel_size)
     dtype = _compute_dtype(attn, value)
     work = dtype if dtype in _SUFFIX else torch.float32
-    out = apply_lean(_CpuNeighborhoodAV, _as_operand(attn, work), _as_operand(value, work),
-                     kernel_size)
+    # a pixel-major attn is read as it is (a cast keeps its layout: preserve_format)
+    attn = attn if attn.dtype == work else attn.to(work)
+    if is_pixel_major(attn):
+        function = _CpuNeighborhoodAVPixels
+    else:
+        function, attn = _CpuNeighborhoodAV, _as_operand(attn, work)
+    out = apply_lean(function, attn, _as_operand(value, work), kernel_size)
     return out if out.dtype == dtype else out.to(dtype)

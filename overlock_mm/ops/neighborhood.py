@@ -12,6 +12,14 @@ Layout used throughout this package (channels first, so no permutes are needed a
 * ``value``: ``[B, G, D, H, W]``   -- a plain ``x.view(B, G, D, H, W)`` of an NCHW tensor;
 * output:    ``[B, G, D, H, W]``.
 
+``attn`` may also be *pixel-major*: the same shape as a ``permute(0, 1, 4, 2, 3)`` view of a
+contiguous ``[B, G, H, W, k*k]`` tensor (NATTEN's own layout; :func:`is_pixel_major`). Every
+implementation accepts it; the ``'cpu'`` kernel reads it without a copy and faster (the taps of
+a run of pixels are one run of memory instead of ``k*k`` planes a map apart: the k = 13
+detection forward ran 1.2-1.3x faster, docs/performance.md), and returns ``grad_attn`` in the
+same layout. :func:`prefers_pixel_major` says whether an implementation wants it, so that
+whoever makes ``attn`` (ContMix's kernel generation) can write it that way.
+
 Why a custom autograd function: differentiating a gather formulation makes autograd keep the
 gathered ``[B, G, D, k*k, H, W]`` neighbourhood tensor alive until backward (k*k times the size of
 ``value``: 169x at k = 13). :class:`_NeighborhoodAV` saves only ``attn`` and ``value`` and walks the
@@ -25,13 +33,14 @@ views of ``value`` -- no per-tap copies.
 import functools
 import importlib.util
 from functools import lru_cache
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['na2d_av', 'na2d_av_reference', 'window_start', 'relative_position_index',
-           'available_impls', 'known_impls', 'auto_impl', 'register_impl']
+           'available_impls', 'known_impls', 'auto_impl', 'register_impl', 'is_pixel_major',
+           'prefers_pixel_major']
 
 
 def _check_inputs(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
@@ -145,6 +154,13 @@ def _compute_dtype(attn: torch.Tensor, value: torch.Tensor) -> torch.dtype:
     return torch.promote_types(attn.dtype, value.dtype)
 
 
+def is_pixel_major(attn: torch.Tensor) -> bool:
+    """Whether ``attn`` ``[B, G, k*k, H, W]`` is a ``permute(0, 1, 4, 2, 3)`` view of a
+    contiguous ``[B, G, H, W, k*k]`` tensor (and not itself contiguous)."""
+    return (attn.dim() == 5 and not attn.is_contiguous()
+            and attn.permute(0, 1, 3, 4, 2).is_contiguous())
+
+
 def _as_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, contiguous: itself where it already is. The kernels' inputs usually
     are, and ``t.to(dtype).contiguous()`` costs ~1 us a call even then, ~1 % of a small stage-4
@@ -182,7 +198,8 @@ class _NeighborhoodAV(torch.autograd.Function):
 AV_FUNCTION_NAMES: List[str] = ['_NeighborhoodAV']
 
 
-def traceable_kernel(op_name: str, kernel: Callable, out_shape: Callable) -> Callable:
+def traceable_kernel(op_name: str, kernel: Callable, out_shape: Callable,
+                     pixel_major: bool = False) -> Callable:
     """``kernel`` (a raw ``(Tensor, Tensor, int) -> Tensor`` launcher: ctypes, Triton), callable
     inside a ``torch.compile`` trace.
 
@@ -191,10 +208,18 @@ def traceable_kernel(op_name: str, kernel: Callable, out_shape: Callable) -> Cal
     the custom op ``overlock_mm::<op_name>``, whose output shape, ``out_shape(*args)``, is all
     the tracer needs; traced code calls the op. Eager code calls ``kernel`` directly: going
     through the op's dispatch costs ~10 us a call on the CPU (measured), more than a small
-    stage-4 forward's Python path as a whole.
+    stage-4 forward's Python path as a whole. ``pixel_major``: the output is a pixel-major
+    ``[B, G, k*k, H, W]`` (:func:`is_pixel_major`), and so is the fake one.
     """
     op = torch.library.custom_op(f'overlock_mm::{op_name}', kernel, mutates_args=())
-    op.register_fake(lambda a, b, k: a.new_empty(out_shape(a, b, k), dtype=b.dtype))
+
+    def fake(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+        shape = out_shape(a, b, k)
+        if pixel_major:
+            n, g, t, h, w = shape
+            return a.new_empty((n, g, h, w, t), dtype=b.dtype).permute(0, 1, 4, 2, 3)
+        return a.new_empty(shape, dtype=b.dtype)
+    op.register_fake(fake)
 
     @functools.wraps(kernel)
     def run(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
@@ -203,7 +228,7 @@ def traceable_kernel(op_name: str, kernel: Callable, out_shape: Callable) -> Cal
 
 
 def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
-                     grad_value: Callable, op_prefix: str) -> type:
+                     grad_value: Callable, op_prefix: str, pixel_major: bool = False) -> type:
     """An autograd function for a kernel-backed implementation (``'cpu'``, ``'triton'``).
 
     It saves ``attn`` and ``value`` only and calls ``forward(attn, value, k)``,
@@ -212,12 +237,14 @@ def lean_av_function(name: str, forward: Callable, grad_attn: Callable,
     ``_grad_value``). ``name`` becomes the class name, which is what traced graphs (FLOP
     counting) show as ``PythonOp.<name>``; it is added to :data:`AV_FUNCTION_NAMES`. Run it with
     :func:`apply_lean`, which calls the raw ``forward`` (kept as ``kernel_forward``) where
-    autograd has nothing to record.
+    autograd has nothing to record. ``pixel_major``: ``grad_attn`` returns a pixel-major
+    tensor (for a pixel-major ``attn``; the traced op's fake output has its strides).
     """
     forward = traceable_kernel(f'{op_prefix}_forward', forward, lambda a, v, k: v.shape)
     grad_attn = traceable_kernel(
         f'{op_prefix}_grad_attn', grad_attn,
-        lambda g, v, k: (v.shape[0], v.shape[1], k * k, v.shape[3], v.shape[4]))
+        lambda g, v, k: (v.shape[0], v.shape[1], k * k, v.shape[3], v.shape[4]),
+        pixel_major=pixel_major)
     grad_value = traceable_kernel(f'{op_prefix}_grad_value', grad_value,
                                   lambda g, a, k: g.shape)
 
@@ -295,16 +322,29 @@ _IMPLS: Dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
 }
 #: the order in which ``impl='auto'`` tries implementations for a device type.
 _AUTO_ORDER: Dict[str, List[str]] = {'cpu': ['native'], 'cuda': ['native']}
+#: (implementation, device type) pairs that read a pixel-major ``attn`` fastest
+_PIXEL_MAJOR: Set[Tuple[str, str]] = set()
 
 
 def register_impl(name: str, fn: Callable, devices: Tuple[str, ...] = (),
-                  first: bool = True) -> None:
-    """Register a faster implementation and (optionally) make ``auto`` prefer it on ``devices``."""
+                  first: bool = True, pixel_major: Tuple[str, ...] = ()) -> None:
+    """Register a faster implementation and (optionally) make ``auto`` prefer it on ``devices``;
+    on the device types in ``pixel_major`` it reads a pixel-major ``attn`` fastest
+    (:func:`prefers_pixel_major`)."""
     _IMPLS[name] = fn
+    _PIXEL_MAJOR.update((name, dev) for dev in pixel_major)
     for dev in devices:
         order = _AUTO_ORDER.setdefault(dev, ['native'])
         if name not in order:
             order.insert(0 if first else len(order), name)
+
+
+def prefers_pixel_major(impl: str, device_type: str) -> bool:
+    """Whether ``impl`` (``'auto'`` resolved for ``device_type``) reads a pixel-major ``attn``
+    (module docstring) faster than a contiguous one; the producer of ``attn`` decides."""
+    if impl == 'auto':
+        impl = auto_impl(device_type)
+    return (impl, device_type) in _PIXEL_MAJOR
 
 
 def auto_impl(device_type: str) -> str:
@@ -375,7 +415,7 @@ def _register_triton() -> bool:
 
 def _register_builtin() -> None:
     from .na2d_cpu import na2d_av_cpu
-    register_impl('cpu', na2d_av_cpu, devices=('cpu',))
+    register_impl('cpu', na2d_av_cpu, devices=('cpu',), pixel_major=('cpu',))
     _register_triton()
 
 

@@ -8,7 +8,8 @@ multiply-accumulates (MACs, what OpenMMLab tables call FLOPs):
   pixel sums k^2 products);
 * the query-key affinity (an einsum): the product of all distinct index sizes;
 * matmuls with broadcasting batch dims (the ``weight_proj`` 1x1 conv runs as a matmul; mmengine's
-  default matmul handle ignores broadcast batch dims).
+  default matmul handle ignores broadcast batch dims), or as a linear map (mmengine's handle)
+  where ContMix writes its kernels pixel-major.
 """
 from collections import Counter
 from typing import Dict
@@ -23,6 +24,7 @@ from mmengine.analysis.jit_handles import get_shape
 CATEGORIES = {
     'conv': 'convolutions',  # mmengine's name for aten::_convolution
     'matmul': 'convolutions',  # ContMix weight_proj (a 1x1 conv in the release) as a matmul
+    'linear': 'convolutions',  # the same, where the kernels are made pixel-major (CPU kernel)
     'einsum': 'affinity',
 }
 REFERENCE_CATEGORIES = ('convolutions', 'aggregation', 'affinity')

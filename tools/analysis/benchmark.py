@@ -552,7 +552,7 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     Returns:
         dict: case geometry, bytes, roofline times and per-implementation results.
     """
-    from overlock_mm.ops import na2d_av
+    from overlock_mm.ops import na2d_av, prefers_pixel_major
     b, g, d, h, w, k = case.batch, case.groups, case.head_dim, case.height, case.width, case.k
     gen = torch.Generator(device='cpu').manual_seed(0)
     fwd_bytes, bwd_bytes = case.bytes_moved(4)
@@ -598,10 +598,16 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
     with torch.no_grad():
         expected = na2d_av(attn, value, k, impl='reference')
     for impl in impls:
+        # each implementation reads the weights in the layout the model hands it: pixel-major
+        # where it prefers that (OverLoCK's kernel generation writes it so; same values, same
+        # bytes), else contiguous
+        pixels = prefers_pixel_major(impl, device.type)
+        impl_sets = [(a.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if pixels
+                      else a, v, gr) for a, v, gr in sets]
         with torch.no_grad():  # a fast but wrong kernel must not go unnoticed
-            err = (na2d_av(attn, value, k, impl=impl) - expected).abs().max().item()
+            err = (na2d_av(impl_sets[0][0], value, k, impl=impl) - expected).abs().max().item()
         fwds, fwdbwds = [], []
-        for s_attn, s_value, s_grad in sets:
+        for s_attn, s_value, s_grad in impl_sets:
             a = s_attn.clone().requires_grad_()
             v = s_value.clone().requires_grad_()
 
@@ -620,7 +626,8 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
         else:
             record(impl, fwds, fwdbwds, repeat, min_time)
         result['impls'][impl]['max_abs_err_fwd'] = err
-        del fwds, fwdbwds
+        result['impls'][impl]['attn_layout'] = 'pixel-major' if pixels else 'contiguous'
+        del fwds, fwdbwds, impl_sets
 
     fwds, fwdbwds = [], []
     for s_attn, s_value, s_grad in sets:

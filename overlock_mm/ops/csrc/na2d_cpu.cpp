@@ -7,6 +7,10 @@
 //
 //   attn  [BG][T = k*k][H][W]     value / out / grad_out  [BG][D][H][W]
 //
+// or, where the entry point gets pm = 1, attn and grad_attn pixel-major,
+// [BG][H][W][T] (NATTEN's layout; OverLoCK's kernel generation writes it directly on the CPU):
+// one block of pixels then reads its taps from one run of memory instead of k*k planes.
+//
 // For kernel k, r = k / 2 and an axis of length L >= k, position i reads the window that starts at
 // s(i) = clamp(i - r, 0, L - k).  Tap t = a * k + b of pixel (i, j) reads value at
 // (s(i) + a, s(j) + b).
@@ -190,8 +194,12 @@ constexpr int kRowsPerTask = 8;
 // and its bare block kernel (one thread, attention kept L2-resident: 1110 ns per 14-pixel k = 13
 // block with it, 743 without).  The taps and (k >= kPrefetchOutputMinK) the output of the block
 // kPrefetchBlocks ahead are prefetched while this one computes: k*k streams are more than the
-// hardware prefetchers track.  Output is written back channel-major through an in-register
-// transpose.
+// hardware prefetchers track.  Pixel-major attention ([H][W][tap]) is read in place: a block's
+// taps are one run of P * k * k elements, with every tap address a constant offset from one
+// register, prefetched a K-th per window row (without that prefetch the hardware did not keep up:
+// 2.2 against 1.1 ms at the k = 13 detection map); that layout ran the k = 13 forward 1.2-1.3x
+// faster than the tap-major one (docs/performance.md).  Output is written back channel-major
+// through an in-register transpose.
 constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
 // Block widths compiled: kPix, and 14 where registers allow -- per map the width with fewer
 // pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
@@ -271,19 +279,20 @@ struct FwdBlock {
   static constexpr int NX = col_off<K, POS, P>(P - 1) + K;  // value columns a window row spans
 
   // One window row: PK -> its first tap at the block's first pixel (tap b of pixel p at
-  // pk[b * stride + p]; stride TS, or ts where TS is 0), VR -> the value row at the block's
-  // window start.
+  // pk[b * stride + p * PS]; stride TS, or ts where TS is 0; PS = 1, or K * K in the
+  // pixel-major layout, TS = 1), VR -> the value row at the block's window start.
   template <int TS>
   static inline void row(Vec<T> (&acc)[kPix], const T* __restrict pk, int64_t ts,
                          const T* __restrict vr) {
     const int64_t stride = TS ? TS : ts;
+    constexpr int PS = TS == 1 ? K * K : 1;
 #pragma GCC unroll 64
     for (int x = 0; x < NX; ++x) {
       const Vec<T> v = in_register<T>(loadu(vr + x * L));
 #pragma GCC unroll 64
       for (int p = 0; p < P; ++p) {
         const int b = x - col_off<K, POS, P>(p);
-        if (b >= 0 && b < K) acc[p] += pk[b * stride + p] * v;
+        if (b >= 0 && b < K) acc[p] += pk[b * stride + p * PS] * v;
       }
     }
   }
@@ -291,15 +300,23 @@ struct FwdBlock {
   template <int TS>
   static inline void rows(Vec<T> (&acc)[kPix], const T* pk, int64_t ts, const T* vb, int64_t WL,
                           int64_t HW, const T* pf) {
+    // pixel-major: the taps of the block ahead are P * K * K consecutive elements, a K-th of
+    // their cache lines prefetched per window row
+    constexpr int kLines = (P * K * K * (int)sizeof(T) + 63) / 64;
     for (int a = 0; a < K; ++a) {
-      if (pf)
+      if (pf && TS == 1) {
+        for (int l = a * kLines / K; l < (a + 1) * kLines / K; ++l)
+          __builtin_prefetch((const char*)pf + l * 64, 0, 1);
+      } else if (pf) {
         for (int b = 0; b < K; ++b) __builtin_prefetch(pf + (a * K + b) * HW, 0, 1);
+      }
       row<TS>(acc, pk + a * K * (TS ? TS : ts), ts, vb + a * WL);
     }
   }
 
-  // PK -> the block's first tap at its first pixel, taps TS apart: attn[0][i][j0] and HW, or the
-  // packed copy and kPix (see forward_impl), compiled apart -- with the packed copy's constant
+  // PK -> the block's first tap at its first pixel, taps TS apart: attn[0][i][j0] and HW, the
+  // packed copy and kPix (see forward_impl), or pixel-major attn[i][j0][0] and 1 (taps
+  // consecutive, pixels K * K apart), compiled apart -- with the packed copy's constant
   // stride every tap address is an offset from one register (the packed path measured
   // 1.06-1.18x slower through the runtime-stride code); VB -> VT[c-vector][s(i)][x0]; WL = W * L
   // (value row stride); O -> out[c0][i][j0]; SPILL: see store_block.  PF / PFO -> attention
@@ -313,6 +330,7 @@ struct FwdBlock {
     Vec<T> acc[kPix];
     for (int p = 0; p < kPix; ++p) acc[p] = Vec<T>{};
     if (ts == kPix) rows<kPix>(acc, pk, ts, vb, WL, HW, pf);
+    else if (ts == 1) rows<1>(acc, pk, ts, vb, WL, HW, pf);  // pixel-major
     else rows<0>(acc, pk, ts, vb, WL, HW, pf);
     store_block<T>(acc, O, HW, nc, n, spill);
   }
@@ -375,21 +393,21 @@ struct GattnChunk {
 
   template <int MASK, int MODE>
   static inline void taps(const Vec<T> (&gv)[2][DC], T* __restrict ga0, T* __restrict ga1,
-                          const T* __restrict vr, T* pf0, T* pf1, int64_t HW, int64_t HWP, int k,
-                          bool first, const IVec<T>& idx, int n) {
+                          const T* __restrict vr, T* pf0, T* pf1, int64_t HWA, int64_t HWP,
+                          int k, bool first, const IVec<T>& idx, int n) {
     int b = 0;
     for (; b + U <= k; b += U) {
       Vec<T> acc[2][U];
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        acc[0][u] = (MASK & 1) && !first ? load<MODE>(ga0 + (b + u) * HW, n) : Vec<T>{};
-        acc[1][u] = (MASK & 2) && !first ? load<MODE>(ga1 + (b + u) * HW, n) : Vec<T>{};
+        acc[0][u] = (MASK & 1) && !first ? load<MODE>(ga0 + (b + u) * HWA, n) : Vec<T>{};
+        acc[1][u] = (MASK & 2) && !first ? load<MODE>(ga1 + (b + u) * HWA, n) : Vec<T>{};
       }
       if (pf0) {
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
-          if (MASK & 1) __builtin_prefetch(pf0 + (b + u) * HW, 1);
-          if (MASK & 2) __builtin_prefetch(pf1 + (b + u) * HW, 1);
+          if (MASK & 1) __builtin_prefetch(pf0 + (b + u) * HWA, 1);
+          if (MASK & 2) __builtin_prefetch(pf1 + (b + u) * HWA, 1);
         }
       }
 #pragma GCC unroll 16
@@ -405,13 +423,13 @@ struct GattnChunk {
       }
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        if (MASK & 1) store<MODE>(ga0 + (b + u) * HW, acc[0][u], n);
-        if (MASK & 2) store<MODE>(ga1 + (b + u) * HW, acc[1][u], n);
+        if (MASK & 1) store<MODE>(ga0 + (b + u) * HWA, acc[0][u], n);
+        if (MASK & 2) store<MODE>(ga1 + (b + u) * HWA, acc[1][u], n);
       }
     }
     for (; b < k; ++b) {
-      Vec<T> acc0 = (MASK & 1) && !first ? load<MODE>(ga0 + b * HW, n) : Vec<T>{};
-      Vec<T> acc1 = (MASK & 2) && !first ? load<MODE>(ga1 + b * HW, n) : Vec<T>{};
+      Vec<T> acc0 = (MASK & 1) && !first ? load<MODE>(ga0 + b * HWA, n) : Vec<T>{};
+      Vec<T> acc1 = (MASK & 2) && !first ? load<MODE>(ga1 + b * HWA, n) : Vec<T>{};
 #pragma GCC unroll 16
       for (int c = 0; c < DC; ++c) {
         Vec<T> v = loadu(vr + c * HWP + b);
@@ -419,15 +437,16 @@ struct GattnChunk {
         if (MASK & 1) acc0 += gv[0][c] * v;
         if (MASK & 2) acc1 += gv[1][c] * v;
       }
-      if (MASK & 1) store<MODE>(ga0 + b * HW, acc0, n);
-      if (MASK & 2) store<MODE>(ga1 + b * HW, acc1, n);
+      if (MASK & 1) store<MODE>(ga0 + b * HWA, acc0, n);
+      if (MASK & 2) store<MODE>(ga1 + b * HWA, acc1, n);
     }
   }
 
+  // HW: plane stride of grad_out; HWA: that of GA (HW, or a row-pair scratch's 2 * W).
   template <int MODE>
-  static void run(const T* G, const T* VR, T* GA, int64_t HW, int64_t W, int64_t HWP, int64_t WP,
-                  int k, int nrows, int64_t s0, int64_t s1, T* PF, bool first,
-                  const IVec<T>& idx, int n) {
+  static void run(const T* G, const T* VR, T* GA, int64_t HW, int64_t HWA, int64_t W,
+                  int64_t HWP, int64_t WP, int k, int nrows, int64_t s0, int64_t s1, T* PF,
+                  bool first, const IVec<T>& idx, int n) {
     Vec<T> gv[2][DC];
 #pragma GCC unroll 16
     for (int c = 0; c < DC; ++c) {
@@ -438,15 +457,15 @@ struct GattnChunk {
     for (int64_t s = s0; s < shi; ++s) {
       const int64_t a0 = s - s0, a1 = s - s1;
       const bool v0 = a0 < k, v1 = nrows == 2 && a1 >= 0 && a1 < k;
-      T* p0 = v0 ? GA + a0 * k * HW : GA;
-      T* p1 = v1 ? GA + W + a1 * k * HW : GA;
-      T* q0 = PF && v0 ? PF + a0 * k * HW : nullptr;
-      T* q1 = PF && v1 ? PF + W + a1 * k * HW : q0;
+      T* p0 = v0 ? GA + a0 * k * HWA : GA;
+      T* p1 = v1 ? GA + W + a1 * k * HWA : GA;
+      T* q0 = PF && v0 ? PF + a0 * k * HWA : nullptr;
+      T* q1 = PF && v1 ? PF + W + a1 * k * HWA : q0;
       if (!q0) q0 = q1;
       const T* vr = VR + s * WP;
-      if (v0 && v1) taps<3, MODE>(gv, p0, p1, vr, q0, q1, HW, HWP, k, first, idx, n);
-      else if (v0) taps<1, MODE>(gv, p0, p1, vr, q0, q1, HW, HWP, k, first, idx, n);
-      else taps<2, MODE>(gv, p0, p1, vr, q0, q1, HW, HWP, k, first, idx, n);
+      if (v0 && v1) taps<3, MODE>(gv, p0, p1, vr, q0, q1, HWA, HWP, k, first, idx, n);
+      else if (v0) taps<1, MODE>(gv, p0, p1, vr, q0, q1, HWA, HWP, k, first, idx, n);
+      else taps<2, MODE>(gv, p0, p1, vr, q0, q1, HWA, HWP, k, first, idx, n);
     }
   }
 };
@@ -716,17 +735,19 @@ inline bool taps_spread(int64_t plane_bytes, int k) {
 }
 
 // One task per group (batch x group): its value is transposed once, then its rows are walked
-// block by block.
+// block by block.  PM: attn is pixel-major (see the top of the file).
 template <typename T>
-void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthreads) {
+void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthreads, bool pm) {
   constexpr int L = lanes<T>();
   const int k = g.k;
   const int64_t HW = g.HW(), T2 = (int64_t)k * k, WL = g.W * L, NV = (g.D + L - 1) / L;
   const int P = block_width(g);
   const std::vector<Block> blocks = plan_blocks(g, P);
   const int64_t nblocks = (int64_t)blocks.size();
-  const bool direct = taps_spread(HW * (int64_t)sizeof(T), k);
-  const int64_t ts = direct ? HW : kPix;  // tap stride of what the block kernels read
+  // pixel-major taps are read in place: one block's taps are one run of memory, no L1 conflicts
+  const bool direct = pm || taps_spread(HW * (int64_t)sizeof(T), k);
+  const int64_t ts = pm ? 1 : direct ? HW : kPix;  // tap stride of what the block kernels read
+  const int64_t ps = pm ? T2 : 1;                   // pixel stride of attn
   parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
     const T* A = attn + bg * T2 * HW;
     T* O = out + bg * g.D * HW;
@@ -749,6 +770,10 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           for (int64_t t = 0; t < T2; ++t)
 #pragma GCC unroll 4
             for (int q = 0; q < kPix; q += L) storeu(d + t * kPix + q, loadu(a + t * HW + q));
+        } else if (blk.pos < 0 && pm) {  // rare (maps without a compiled block): scalar copy
+          const T* a = A + (i * g.W + blk.j0) * T2;
+          for (int64_t t = 0; t < T2; ++t)
+            for (int q = 0; q < kPix; ++q) pk[t * kPix + q] = q < blk.n ? a[q * T2 + t] : T(0);
         } else if (blk.pos < 0) {  // apart: a partial load in the same loop defeats the plain one
           const T* a = A + i * g.W + blk.j0;
           for (int64_t t = 0; t < T2; ++t)
@@ -771,10 +796,10 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           T* o = O + cv * L * HW + i * g.W + blk.j0;
           const int nc = (int)std::min<int64_t>(L, g.D - cv * L);
           const bool pref = cv == 0 && pj >= 0;
-          const T* pf = pref ? A + pj : nullptr;
+          const T* pf = pref ? A + pj * ps : nullptr;
           T* pfo = pref && k >= kPrefetchOutputMinK ? O + pj : nullptr;
           const T* vb = vrow + blk.x0 * L;
-          const T* tp = direct ? A + i * g.W + blk.j0 : pk;
+          const T* tp = direct ? A + (i * g.W + blk.j0) * ps : pk;
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
             dispatch_block<T, kPix>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
@@ -786,9 +811,35 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
   });
 }
 
+// Rows u < nrows of a row pair's grad_attn, computed tap-major into SC ([T][2][W]), written to
+// pixel-major GA (-> gattn[i][0][0]) through L x L register transposes (taps along the lanes).
+template <typename T>
+void store_pixel_major(const T* sc, T* GA, int64_t W, int64_t T2, int nrows) {
+  constexpr int L = lanes<T>();
+  Vec<T> m[L];
+  for (int u = 0; u < nrows; ++u)
+    for (int64_t x0 = 0; x0 < W; x0 += L) {
+      const int nx = (int)std::min<int64_t>(L, W - x0);
+      for (int64_t t0 = 0; t0 < T2; t0 += L) {
+        const int nt = (int)std::min<int64_t>(L, T2 - t0);
+        const T* src = sc + t0 * 2 * W + u * W + x0;
+        for (int t = 0; t < L; ++t)
+          m[t] = t >= nt ? Vec<T>{} : nx == L ? loadu(src + t * 2 * W) : loadn(src + t * 2 * W, nx);
+        transpose<T>(m);
+        T* dst = GA + (u * W + x0) * T2 + t0;
+        for (int x = 0; x < nx; ++x) {
+          if (nt == L) storeu(dst + x * T2, m[x]);
+          else storen(dst + x * T2, m[x], nt);
+        }
+      }
+    }
+}
+
+// PM: gattn pixel-major.  The tiles then write each row pair tap-major into a per-thread
+// scratch (~110 KB at k = 13, W = 84: it stays in L2), transposed into gattn afterwards.
 template <typename T>
 void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int64_t WP,
-                    int nthreads) {
+                    int nthreads, bool pm) {
   const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
   std::vector<RowTile> tiles;
   std::vector<IVec<T>> idx;
@@ -801,25 +852,31 @@ void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int6
     const T* G = grad_out + bg * g.D * HW;
     const T* V = vp + bg * g.D * HWP;
     T* GA = gattn + bg * T2 * HW;
+    // what the tiles write: gattn itself (plane stride HW), or the row pair's scratch (2 * W)
+    T* sc = pm ? thread_scratch<T, 2>(T2 * 2 * g.W, false) : nullptr;
+    const int64_t HWA = pm ? 2 * g.W : HW;
     for (int64_t i = i_begin; i < i_end; i += 2) {
       const int nrows = (int)std::min<int64_t>(2, i_end - i);
       const int64_t s0 = window_start(i, g.H, g.k);
       const int64_t s1 = nrows == 2 ? window_start(i + 1, g.H, g.k) : s0;
+      T* dst = pm ? sc : GA + i * g.W;
       for (size_t t = 0; t < tiles.size(); ++t) {
         const RowTile& tile = tiles[t];
-        T* pf = t + 1 < tiles.size() ? GA + i * g.W + tiles[t + 1].j0
+        T* pf = pm ? nullptr
+                : t + 1 < tiles.size() ? GA + i * g.W + tiles[t + 1].j0
                 : i + 2 < i_end ? GA + (i + 2) * g.W + tiles[0].j0 : nullptr;
         bool first = true;
         for (auto& ch : chunks) {
           const T* gp = G + ch.first * HW + i * g.W + tile.j0;
           const T* vr = V + ch.first * HWP + tile.s;
-          T* ga = GA + i * g.W + tile.j0;
+          T* ga = dst + tile.j0;
           T* p = first ? pf : (T*)nullptr;
-          dispatch_tile<T, GattnChunk>(ch.second, tile.mode, gp, vr, ga, HW, g.W, HWP, WP, g.k,
-                                       nrows, s0, s1, p, first, idx[t], n);
+          dispatch_tile<T, GattnChunk>(ch.second, tile.mode, gp, vr, ga, HW, HWA, g.W, HWP, WP,
+                                       g.k, nrows, s0, s1, p, first, idx[t], n);
           first = false;
         }
       }
+      if (pm) store_pixel_major<T>(sc, GA + i * g.W * T2, g.W, T2, nrows);
     }
   });
 }
@@ -832,11 +889,12 @@ void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int6
 // scalar loop here cost more than all interior columns at detection sizes; classification
 // maps -- 14 columns, r = 6 -- are nearly all border.)  The caller walks taps and pixels in
 // blocks of `lanes` (one block each unless k > lanes).  ROW -> gvalue[c0][p_u][window start].
+// PM: attn pixel-major, where a pixel's taps are already consecutive (no transpose).
 template <typename T, int DC>
 struct GvalueBorder {
   static void run(const T* A, const T* G, T* row, const unsigned char* valid, int bit,
                   int64_t ilo, int ni, int64_t p_u, int64_t j0, int nq, int b0, int nb,
-                  const Geo& g) {
+                  const Geo& g, bool pm) {
     constexpr int L = lanes<T>();
     const int k = g.k;
     const int64_t HW = g.HW();
@@ -844,11 +902,17 @@ struct GvalueBorder {
     for (int ii = 0; ii < ni; ++ii) {
       if (!(valid[ii] & bit)) continue;
       const int64_t i = ilo + ii, a = p_u - window_start(i, g.H, k);
-      const T* src = A + (a * k + b0) * HW + i * g.W + j0;
       Vec<T> m[L];
+      if (pm) {
+        const int64_t T2 = (int64_t)k * k;
+        const T* src = A + (i * g.W + j0) * T2 + a * k + b0;
+        for (int jj = 0; jj < L; ++jj) m[jj] = jj < nq ? loadn(src + jj * T2, nb) : Vec<T>{};
+      } else {
+        const T* src = A + (a * k + b0) * HW + i * g.W + j0;
 #pragma GCC unroll 16
-      for (int b = 0; b < L; ++b) m[b] = b < nb ? loadn(src + b * HW, nq) : Vec<T>{};
-      transpose<T>(m);
+        for (int b = 0; b < L; ++b) m[b] = b < nb ? loadn(src + b * HW, nq) : Vec<T>{};
+        transpose<T>(m);
+      }
       const T* gp = G + i * g.W + j0;
       for (int jj = 0; jj < nq; ++jj)
 #pragma GCC unroll 16
@@ -862,9 +926,31 @@ struct GvalueBorder {
   }
 };
 
+// DST[b * WG + x] = SRC[x * T2 + b] for the k taps b of nx pixels x (one tap row of a pixel-major
+// attn row): L x L register transposes; stores stop at nx (the scratch's padding stays zero).
+template <typename T>
+void fill_taps_pixel_major(const T* src, int64_t T2, int k, int64_t nx_all, T* dst, int64_t WG) {
+  constexpr int L = lanes<T>();
+  Vec<T> m[L];
+  for (int64_t x0 = 0; x0 < nx_all; x0 += L) {
+    const int nx = (int)std::min<int64_t>(L, nx_all - x0);
+    for (int b0 = 0; b0 < k; b0 += L) {
+      const int nb = std::min(L, k - b0);
+      for (int x = 0; x < L; ++x) m[x] = x < nx ? loadn(src + (x0 + x) * T2 + b0, nb) : Vec<T>{};
+      transpose<T>(m);
+      for (int b = 0; b < nb; ++b) {
+        if (nx == L) storeu(dst + (b0 + b) * WG + x0, m[b]);
+        else storen(dst + (b0 + b) * WG + x0, m[b], nx);
+      }
+    }
+  }
+}
+
+// PM: attn pixel-major; the per-row scratch gets the same tap-major rows, transposed from it in
+// L x L register tiles.
 template <typename T>
 void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue, const Geo& g,
-                     int64_t WG, int nthreads) {
+                     int64_t WG, int nthreads, bool pm) {
   constexpr int L = lanes<T>();
   const int k = g.k, r = g.r;
   const int64_t HW = g.HW(), T2 = (int64_t)k * k;
@@ -905,6 +991,11 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
           const int64_t a = p + u - si;
           if (a < 0 || a >= k) continue;
           vld[ii] |= (unsigned char)(1 << u);
+          if (pm) {
+            fill_taps_pixel_major<T>(A + (i * g.W + r) * T2 + a * k, T2, k, nint,
+                                     ap[u] + (int64_t)ii * k * WG + 2 * r, WG);
+            continue;
+          }
           for (int b = 0; b < k; ++b) {
             const T* src = A + (a * k + b) * HW + i * g.W + r;
             std::memcpy(ap[u] + ((int64_t)ii * k + b) * WG + 2 * r, src, nint * sizeof(T));
@@ -937,7 +1028,7 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
                       A, G + ch.first * HW,
                       GV + ch.first * HW + (p + u) * g.W + (side ? g.W - k : 0), vld, 1 << u,
                       ilo, ni, p + u, (side ? g.W - r : 0) + q0, std::min(L, r - q0), b0,
-                      std::min(L, k - b0), g);
+                      std::min(L, k - b0), g, pm);
                 });
     }
   });
@@ -947,24 +1038,25 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
 
 extern "C" {
 
-// Geometry: BG = batch * groups, D channels per group, H x W map, odd k <= min(H, W).
+// Geometry: BG = batch * groups, D channels per group, H x W map, odd k <= min(H, W); pm: attn
+// (and grad_attn) pixel-major, [BG][H][W][k*k], else tap-major, [BG][k*k][H][W].
 #define NA2D_EXPORT(T, SUF)                                                                    \
   int na2d_lanes_##SUF() { return lanes<T>(); }                                               \
   void na2d_forward_##SUF(const T* attn, const T* value, T* out, int64_t BG, int64_t D,     \
-                          int64_t H, int64_t W, int k, int nthreads) {                       \
+                          int64_t H, int64_t W, int k, int pm, int nthreads) {               \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    forward_impl<T>(attn, value, out, g, nthreads);                                          \
+    forward_impl<T>(attn, value, out, g, nthreads, pm != 0);                                 \
   }                                                                                          \
   void na2d_grad_attn_##SUF(const T* grad_out, const T* vp, T* gattn, int64_t BG, int64_t D, \
-                            int64_t H, int64_t W, int k, int64_t WP, int nthreads) {         \
+                            int64_t H, int64_t W, int k, int64_t WP, int pm, int nthreads) { \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    grad_attn_impl<T>(grad_out, vp, gattn, g, WP, nthreads);                                 \
+    grad_attn_impl<T>(grad_out, vp, gattn, g, WP, nthreads, pm != 0);                        \
   }                                                                                          \
   void na2d_grad_value_##SUF(const T* attn, const T* grad_out, const T* gpad, T* gvalue,     \
                              int64_t BG, int64_t D, int64_t H, int64_t W, int k, int64_t WG, \
-                             int nthreads) {                                                 \
+                             int pm, int nthreads) {                                         \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    grad_value_impl<T>(attn, grad_out, gpad, gvalue, g, WG, nthreads);                       \
+    grad_value_impl<T>(attn, grad_out, gpad, gvalue, g, WG, nthreads, pm != 0);              \
   }
 
 NA2D_EXPORT(float, f32)
