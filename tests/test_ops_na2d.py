@@ -229,6 +229,26 @@ def test_autocast(impl, dtype, layout):
     assert vv.grad is not None and vv.grad.dtype == torch.float32
 
 
+@pytest.mark.skipif('cpu' not in IMPLS, reason="no 'cpu' kernel")
+def test_cpu_raw_kernels_take_any_strides():
+    """The raw kernel calls (what a torch.compile graph runs) read contiguous and pixel-major
+    weights in place and copy any other layout first -- never misread it."""
+    from overlock_mm.ops import na2d_cpu
+    k = 5
+    attn, v = make(1, 2, 4, 7, 9, k)
+    expected = brute_force_av(attn, v, k)
+    value = v.permute(0, 1, 4, 2, 3).contiguous()
+    grad_out = torch.randn_like(value)
+    odd = attn.transpose(2, 3).contiguous().transpose(2, 3).permute(0, 1, 4, 2, 3)  # W before H
+    assert not odd.is_contiguous() and not is_pixel_major(odd)
+    grads = []
+    for a in to_ours(attn, v, 'contiguous')[0], to_ours(attn, v, 'pixel-major')[0], odd:
+        torch.testing.assert_close(from_ours(na2d_cpu.forward(a, value, k)), expected)
+        grads.append(na2d_cpu.grad_value(grad_out, a, k))
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
+
+
 def test_prefers_pixel_major():
     """Only the 'cpu' kernel asks for pixel-major weights, and only on the CPU (where 'auto'
     picks it)."""

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -194,26 +194,24 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _layout(attn: torch.Tensor) -> int:
-    """1 where ``attn`` is pixel-major (:func:`~overlock_mm.ops.is_pixel_major`), 0 where it is
-    contiguous; the raw calls take nothing else."""
-    if attn.is_contiguous():
-        return 0
+def _attn_layout(attn: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``(attn, 1)`` where ``attn`` is pixel-major (:func:`~overlock_mm.ops.is_pixel_major`),
+    else ``(contiguous attn, 0)``: the two layouts the kernel reads."""
     if is_pixel_major(attn):
-        return 1
-    raise ValueError('na2d cpu kernel: attn must be contiguous [B, G, k*k, H, W] or pixel-major '
-                     f'(a permuted contiguous [B, G, H, W, k*k]); got strides {attn.stride()}.')
+        return attn, 1
+    return attn.contiguous(), 0
 
 
 def forward(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     """Raw forward on float32/float64 CPU tensors (no autograd): ``value`` contiguous, ``attn``
-    contiguous or pixel-major."""
+    read in place where it is contiguous or pixel-major (else made contiguous)."""
     lib = _lib()
     suf = _SUFFIX[value.dtype]
     bg, d, h, w = _dims(value)
     out = torch.empty_like(value)
+    attn, pm = _attn_layout(attn)
     fn = getattr(lib, f'na2d_forward_{suf}')
-    fn(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d, h, w, k, _layout(attn),
+    fn(attn.data_ptr(), value.data_ptr(), out.data_ptr(), bg, d, h, w, k, pm,
        torch.get_num_threads())
     return out
 
@@ -253,9 +251,10 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
     gpad = grad_out.new_zeros((b, g, d, h, wg))
     gpad[..., 2 * r:w] = grad_out[..., r:w - r]
     gvalue = torch.empty_like(grad_out)
+    attn, pm = _attn_layout(attn)
     fn = getattr(lib, f'na2d_grad_value_{suf}')
     fn(attn.data_ptr(), grad_out.data_ptr(), gpad.data_ptr(), gvalue.data_ptr(), b * g, d, h, w, k,
-       wg, _layout(attn), torch.get_num_threads())
+       wg, pm, torch.get_num_threads())
     return gvalue
 
 

@@ -16,9 +16,9 @@ Layout used throughout this package (channels first, so no permutes are needed a
 contiguous ``[B, G, H, W, k*k]`` tensor (NATTEN's own layout; :func:`is_pixel_major`). Every
 implementation accepts it; the ``'cpu'`` kernel reads it without a copy and faster (the taps of
 a run of pixels are one run of memory instead of ``k*k`` planes a map apart: the k = 13
-detection forward ran 1.2-1.3x faster, docs/performance.md), and returns ``grad_attn`` in the
-same layout. :func:`prefers_pixel_major` says whether an implementation wants it, so that
-whoever makes ``attn`` (ContMix's kernel generation) can write it that way.
+detection forward ran 1.2-1.8x faster in A/Bs, docs/performance.md), and returns
+``grad_attn`` in the same layout. :func:`prefers_pixel_major` says whether an implementation
+wants it, so that whoever makes ``attn`` (ContMix's kernel generation) can write it that way.
 
 Why a custom autograd function: differentiating a gather formulation makes autograd keep the
 gathered ``[B, G, D, k*k, H, W]`` neighbourhood tensor alive until backward (k*k times the size of

@@ -197,7 +197,7 @@ constexpr int kRowsPerTask = 8;
 // hardware prefetchers track.  Pixel-major attention ([H][W][tap]) is read in place: a block's
 // taps are one run of P * k * k elements, with every tap address a constant offset from one
 // register, prefetched a K-th per window row (without that prefetch the hardware did not keep up:
-// 2.2 against 1.1 ms at the k = 13 detection map); that layout ran the k = 13 forward 1.2-1.3x
+// 2.2 against 1.1 ms at the k = 13 detection map); that layout ran the k = 13 forward 1.2-1.8x
 // faster than the tap-major one (docs/performance.md).  Output is written back channel-major
 // through an in-register transpose.
 constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vectors) per block
@@ -770,10 +770,20 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           for (int64_t t = 0; t < T2; ++t)
 #pragma GCC unroll 4
             for (int q = 0; q < kPix; q += L) storeu(d + t * kPix + q, loadu(a + t * HW + q));
-        } else if (blk.pos < 0 && pm) {  // rare (maps without a compiled block): scalar copy
+        } else if (blk.pos < 0 && pm) {
+          // the n pixels' taps, transposed into [t][kPix] in L x L register tiles (a scalar copy
+          // made the classification-size forwards 1.1-1.2x slower than from contiguous weights)
           const T* a = A + (i * g.W + blk.j0) * T2;
-          for (int64_t t = 0; t < T2; ++t)
-            for (int q = 0; q < kPix; ++q) pk[t * kPix + q] = q < blk.n ? a[q * T2 + t] : T(0);
+          Vec<T> m[L];
+          for (int q0 = 0; q0 < kPix; q0 += L)
+            for (int64_t t0 = 0; t0 < T2; t0 += L) {
+              const int nt = (int)std::min<int64_t>(L, T2 - t0);
+#pragma GCC unroll 16
+              for (int q = 0; q < L; ++q)
+                m[q] = q0 + q < blk.n ? loadn(a + (q0 + q) * T2 + t0, nt) : Vec<T>{};
+              transpose<T>(m);
+              for (int t = 0; t < nt; ++t) storeu(pk + (t0 + t) * kPix + q0, m[t]);
+            }
         } else if (blk.pos < 0) {  // apart: a partial load in the same loop defeats the plain one
           const T* a = A + i * g.W + blk.j0;
           for (int64_t t = 0; t < T2; ++t)
