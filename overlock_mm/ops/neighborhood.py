@@ -374,7 +374,9 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int,
     """Aggregate ``value`` over clamped ``k x k`` windows with per-pixel weights ``attn``.
 
     Args:
-        attn (Tensor): ``[B, G, k*k, H, W]`` weights (usually softmax-normalised).
+        attn (Tensor): ``[B, G, k*k, H, W]`` weights (usually softmax-normalised), in any
+            layout; pixel-major ones (:func:`is_pixel_major`) are what the ``'cpu'`` kernel
+            reads fastest (:func:`prefers_pixel_major`).
         value (Tensor): ``[B, G, D, H, W]`` values; ``H, W >= kernel_size``.
         kernel_size (int): odd window size ``k``.
         impl (str): ``'auto'`` (fastest available for the device), or one of
