@@ -35,15 +35,15 @@ def relative_position_bias(rpb: torch.Tensor, h: int, w: int,
     # cache it would warn that it ignores the cache
     index = _rpb_index.__wrapped__ if torch.compiler.is_compiling() else _rpb_index
     ri, rj = index(h, w, k, rpb.device)  # [H, k], [W, k]
-    if pixel_major:  # the same gathers, indices ordered (position, tap)
-        rows = rpb.index_select(1, ri.reshape(-1))  # [G, H * k(a), 2k-1]
-        bias = rows.index_select(2, rj.reshape(-1))  # [G, H * k(a), W * k(b)]
-        return bias.view(g, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(g, h, w, k * k)
     # Two index_selects (rows, then columns) instead of one advanced-indexing gather: the
     # gather's backward is an accumulating index_put, which ran 25 ms per call on CPU at
     # detection size; index_select's backward is index_add on the small row-gathered table.
-    rows = rpb.index_select(1, ri.t().reshape(-1))  # [G, k(a) * H, 2k-1]
-    bias = rows.index_select(2, rj.t().reshape(-1))  # [G, k(a) * H, k(b) * W]
+    # Indices ordered (tap, position), or (position, tap) for the pixel-major layout.
+    order = (lambda idx: idx.reshape(-1)) if pixel_major else (lambda idx: idx.t().reshape(-1))
+    rows = rpb.index_select(1, order(ri))  # [G, k(a) * H or H * k(a), 2k-1]
+    bias = rows.index_select(2, order(rj))  # [G, k(a) * H or H * k(a), k(b) * W or W * k(b)]
+    if pixel_major:
+        return bias.view(g, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(g, h, w, k * k)
     return bias.view(g, k, h, k, w).permute(0, 1, 3, 2, 4).reshape(g, k * k, h, w)
 
 
@@ -68,21 +68,18 @@ def contmix_kernels(affinity: torch.Tensor, proj: nn.Conv2d, rpb_small: torch.Te
     b, g, n, _ = affinity.shape
     taps = proj.out_channels
     s2 = rpb_small.shape[-1] // 2 + 1
+    weight = proj.weight.view(taps, -1).to(affinity.dtype)
+    if pixel_major:  # the 1x1 conv as a linear map on the last axis: [B, G, HW, 49] -> [.., T]
+        logits = F.linear(affinity, weight, proj.bias.to(affinity.dtype)).view(b, g, h, w, taps)
+    else:  # the 1x1 conv across the 49 region channels, as a matmul: [T, 49] @ [B, G, 49, HW]
+        logits = torch.matmul(weight, affinity.transpose(-1, -2))
+        logits = (logits + proj.bias.view(taps, 1).to(logits.dtype)).view(b, g, taps, h, w)
+    dim = -1 if pixel_major else 2  # the taps' axis
+    small, large = logits.split([s2 * s2, taps - s2 * s2], dim=dim)
+    small = (small + relative_position_bias(rpb_small, h, w, pixel_major)).softmax(dim=dim)
+    large = (large + relative_position_bias(rpb_large, h, w, pixel_major)).softmax(dim=dim)
     if pixel_major:
-        # the 1x1 conv as a linear map on the last axis: [B, G, HW, 49] -> [B, G, HW, T]
-        logits = F.linear(affinity, proj.weight.view(taps, -1).to(affinity.dtype),
-                          proj.bias.to(affinity.dtype)).view(b, g, h, w, taps)
-        small, large = logits.split([s2 * s2, taps - s2 * s2], dim=-1)
-        small = (small + relative_position_bias(rpb_small, h, w, pixel_major=True)).softmax(dim=-1)
-        large = (large + relative_position_bias(rpb_large, h, w, pixel_major=True)).softmax(dim=-1)
         return small.permute(0, 1, 4, 2, 3), large.permute(0, 1, 4, 2, 3)
-    # The 1x1 conv across the 49 region channels, as a matmul: [T, 49] @ [B, G, 49, HW].
-    logits = torch.matmul(proj.weight.view(taps, -1).to(affinity.dtype), affinity.transpose(-1, -2))
-    logits = logits + proj.bias.view(taps, 1).to(logits.dtype)
-    logits = logits.view(b, g, taps, h, w)
-    small, large = logits.split([s2 * s2, taps - s2 * s2], dim=2)
-    small = (small + relative_position_bias(rpb_small, h, w)).softmax(dim=2)
-    large = (large + relative_position_bias(rpb_large, h, w)).softmax(dim=2)
     return small, large
 
 
