@@ -116,6 +116,41 @@ def test_forward_block_kernels(impl, dtype, k, W, D, layout):
     assert (out.double() - expected).abs().max() < tol
 
 
+def brute_force_grad_value(attn_nat, g_nat, k):
+    """d(sum(out * g)) / d(value) by scattering every pixel's weighted ``g`` into its window:
+    [B, G, H, W, k*k], [B, G, H, W, D] -> [B, G, H, W, D] (NATTEN layout)."""
+    B, G, H, W, D = g_nat.shape
+    r = k // 2
+    grad = torch.zeros_like(g_nat)
+    for i in range(H):
+        si = min(max(i - r, 0), H - k)
+        for j in range(W):
+            sj = min(max(j - r, 0), W - k)
+            taps = attn_nat[:, :, i, j].reshape(B, G, k, k, 1)
+            grad[:, :, si:si + k, sj:sj + k] += taps * g_nat[:, :, i, j, None, None, :]
+    return grad
+
+
+# grad_value of pixel-major weights has compiled block kernels of its own (k in 3..13, blocks of
+# 16 or 14 source columns, W >= 14; the row's last block overlaps the one before, the blocks at
+# both ends skip border pixels, whose clamped windows are summed apart): the same widths,
+# channel counts and dtypes as the forward's block cases, both layouts.
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('k,W,D', BLOCK_CASES + [(13, 14, 16), (5, 16, 33)])
+def test_grad_value_block_kernels(impl, dtype, k, W, D, layout):
+    H = k + 3
+    attn, v = make(1, 2, D, H, W, k, dtype=dtype, seed=k + W)
+    g = torch.randn(1, 2, H, W, D, generator=torch.Generator().manual_seed(W), dtype=dtype)
+    expected = brute_force_grad_value(attn.double(), g.double(), k)
+    a2, v2 = to_ours(attn, v, layout)
+    v2 = leaf(v2.contiguous())
+    (from_ours(na2d_av(a2, v2, k, impl=impl)) * g).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (v2.grad.permute(0, 1, 3, 4, 2).double() - expected).abs().max() < tol
+
+
 # The block kernels read the taps straight from `attn` unless the plane stride (H * W elements)
 # puts more than 4 of a window row's taps into one L1 set (it repeats every 4 KB); then from a
 # packed copy per block.  The cases above read directly; maps whose plane is a multiple of 4 KB

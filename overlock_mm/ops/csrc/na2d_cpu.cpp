@@ -32,11 +32,14 @@
 // interior pixel j is its own window centre, so with zero padding outside the interior columns
 // (grad_out in `gpad`, attention in a per-row scratch) the interior contribution to a tile of
 // source columns q is a plain shifted sum.  The r border pixels on each side share one window
-// (starting at 0 or W - k) and are added separately.
+// (starting at 0 or W - k) and are added separately.  With pixel-major attention (where a
+// compiled block fits) it is a scatter instead, vectorised over channels like the forward, into
+// a per-group scratch (no atomics either): see GvalueBlock.
 //
-// Work is split over tasks ((group, rows) for the gradients, groups for the forward) handed out
-// by an atomic counter to persistent worker threads (thread_pool.h), so a descheduled thread on
-// a shared machine does not stall the others at a barrier.
+// Work is split over tasks ((group, rows) for grad_attn and the tap-major grad_value, groups
+// for the forward and the pixel-major grad_value) handed out by an atomic counter to persistent
+// worker threads (thread_pool.h), so a descheduled thread on a shared machine does not stall
+// the others at a barrier.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -936,6 +939,165 @@ struct GvalueBorder {
   }
 };
 
+// Pixel-major attention: grad_value like the forward, vectorised over channels (a *scatter*
+// into a channels-last scratch of the group, GVT [NV][H][W][L], transposed into gvalue at the
+// end).  Pixel (i, j) adds attn[i][j][a * K + b] * grad_out[i][j] to source pixel
+// (s(i) + a, s(j) + b).  Rows i are walked in order, each in blocks of P source columns q0 + p;
+// for every tap row a, the block's P accumulator vectors of source row s(i) + a are loaded,
+// get the taps of the interior pixels j = q0 - r + x (s(j) = j - r: to accumulator
+// p = x + b - 2r) and are stored back.  A pixel's taps are consecutive in pixel-major memory
+// and a block's pixels are one run of (P + K - 1) * K * K elements: read K times (once per tap
+// row; it stays in L1), streamed from memory once and prefetched a K-th per tap row, like the
+// forward's taps.  Each weight is a scalar broadcast folded into its FMA, and each grad_out
+// vector (GT: a channels-last copy) feeds up to K FMAs.  The r border pixels on each side of
+// a row (one shared, clamped window) follow the row's blocks while its taps are still cached.
+// Measured against the gather (GvalueChunk after fill_taps_pixel_major, which transposes every
+// tap into a scratch row) on the AMD EPYC VM, two threads: 3.5x faster at the k = 13 detection
+// map, 1.7-2x at k = 5 and 7 (docs/performance.md).  Two intermediate forms were slower:
+// accumulators of one source row kept in registers over all rows i (each row's taps read K
+// times, K * K elements apart: 2.5x the forward's time), and the border pixels added in a
+// second pass by GvalueBorder (their taps read back from memory: +40 % at k = 13, 8 groups).
+template <typename T, int K, int P>
+struct GvalueBlock {
+  static constexpr int L = lanes<T>(), R = K / 2, NX = P + K - 1, T2 = K * K;
+
+  // One tap row: DST -> GVT[cv][s(i) + a][q0] (the block's accumulators), PK -> attn[i][q0 -
+  // r][a * K], GT -> GT[cv][i][q0 - r] (pixel x at x * L).  EDGE: only pixels xlo <= x < xhi
+  // are interior (the others are border pixels, see borders, or lie off the map), and columns
+  // p < pmin belong to the block before (the last block of a row is shifted left to end at W):
+  // neither loaded nor stored.  Not inlined: in a function of its own the compiler keeps the
+  // accumulators in registers and folds every broadcast into its FMA (inlined, it spilled).
+  template <bool EDGE>
+  __attribute__((noinline)) static void row(T* __restrict dst, const T* __restrict pk,
+                                            const T* __restrict gt, int xlo, int xhi,
+                                            int pmin) {
+    Vec<T> acc[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) acc[p] = !EDGE || p >= pmin ? loadu(dst + p * L) : Vec<T>{};
+#pragma GCC unroll 64
+    for (int x = 0; x < NX; ++x) {
+      if (EDGE && (x < xlo || x >= xhi)) continue;
+      const Vec<T> gv = in_register<T>(loadu(gt + x * L));
+#pragma GCC unroll 64
+      for (int p = 0; p < P; ++p) {
+        const int b = p - x + 2 * R;
+        if (b >= 0 && b < K) acc[p] += pk[x * T2 + b] * gv;
+      }
+    }
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p)
+      if (!EDGE || p >= pmin) storeu(dst + p * L, acc[p]);
+  }
+
+  // Every tap row of one block: PK -> attn[i][q0 - r][0], ACC -> GVT[cv][s(i)][q0], WL = W * L
+  // (its row stride).  PF: PF_LINES cache lines of the next block's taps, prefetched a K-th per
+  // tap row.
+  template <bool EDGE>
+  static void block(const T* pk, const T* gt, T* accp, int64_t WL, int xlo, int xhi, int pmin,
+                    const char* pf, int pf_lines) {
+    for (int a = 0; a < K; ++a) {
+      if (pf)
+        for (int l = a * pf_lines / K; l < (a + 1) * pf_lines / K; ++l)
+          __builtin_prefetch(pf + l * 64, 0, 1);
+      row<EDGE>(accp + a * WL, pk + a * K, gt, xlo, xhi, pmin);
+    }
+  }
+
+  // The r border pixels on each side of row i share one window (starting at column 0, or at
+  // W - K): its K x K taps in turn, each the sum over those pixels.  A -> attn[i][0][0],
+  // GT -> GT[cv][i][0], ACC -> GVT[cv][s(i)][0].
+  static void borders(const T* A, const T* gt, T* accp, int64_t W, int64_t WL) {
+    for (int side = 0; side < 2; ++side) {
+      const int64_t j0 = side ? W - R : 0, x0 = side ? W - K : 0;
+      Vec<T> gv[R];
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) gv[j] = loadu(gt + (j0 + j) * L);
+      const T* pk = A + j0 * T2;
+      for (int a = 0; a < K; ++a) {
+        T* dst = accp + a * WL + x0 * L;
+#pragma GCC unroll 16
+        for (int b = 0; b < K; ++b) {
+          Vec<T> acc = loadu(dst + b * L);
+#pragma GCC unroll 8
+          for (int j = 0; j < R; ++j) acc += pk[j * T2 + a * K + b] * gv[j];
+          storeu(dst + b * L, acc);
+        }
+      }
+    }
+  }
+
+  static void run(const T* pk, const T* gt, T* accp, int64_t WL, int xlo, int xhi, int pmin,
+                  const char* pf, int pf_lines) {
+    if (xlo > 0 || xhi < NX || pmin > 0)
+      block<true>(pk, gt, accp, WL, xlo, xhi, pmin, pf, pf_lines);
+    else
+      block<false>(pk, gt, accp, WL, xlo, xhi, pmin, pf, pf_lines);
+  }
+};
+
+// Block width of GvalueBlock for a row of W: the compiled width computing the fewest columns
+// (ties: kPix); 0 where none fits (W < kPixAlt) or k has no compiled kernel.
+inline int gvalue_block_width(const Geo& g) {
+  bool fixed = false;
+  for (int k : kFixedK) fixed = fixed || k == g.k;
+  int best = 0;
+  int64_t best_px = -1;
+  for (int P : {kPix, kPixAlt}) {
+    if (!fixed || g.W < P) continue;
+    const int64_t px = (g.W + P - 1) / P * P;
+    if (best_px < 0 || px < best_px) best = P, best_px = px;
+  }
+  return best;
+}
+
+template <typename T, int P>
+void gvalue_block(int k, const T* pk, const T* gt, T* accp, int64_t WL, int xlo, int xhi,
+                  int pmin, const char* pf, int pf_lines) {
+  switch (k) {
+#define NA2D_GV_CASE(KK) \
+  case KK: GvalueBlock<T, KK, P>::run(pk, gt, accp, WL, xlo, xhi, pmin, pf, pf_lines); break;
+    NA2D_GV_CASE(3) NA2D_GV_CASE(5) NA2D_GV_CASE(7) NA2D_GV_CASE(9) NA2D_GV_CASE(11)
+    NA2D_GV_CASE(13)
+#undef NA2D_GV_CASE
+    default: break;
+  }
+}
+
+template <typename T>
+void gvalue_borders(int k, const T* A, const T* gt, T* accp, int64_t W, int64_t WL) {
+  switch (k) {
+#define NA2D_GV_CASE(KK) \
+  case KK: GvalueBlock<T, KK, kPix>::borders(A, gt, accp, W, WL); break;
+    NA2D_GV_CASE(3) NA2D_GV_CASE(5) NA2D_GV_CASE(7) NA2D_GV_CASE(9) NA2D_GV_CASE(11)
+    NA2D_GV_CASE(13)
+#undef NA2D_GV_CASE
+    default: break;
+  }
+}
+
+// GV[c][h][w] <- GVT[c / L][h][w][c % L] for c < D: the inverse of to_channels_last.
+template <typename T>
+void from_channels_last(const T* GVT, T* GV, const Geo& g) {
+  constexpr int L = lanes<T>();
+  const int64_t HW = g.HW(), NV = (g.D + L - 1) / L;
+  Vec<T> m[L];
+  for (int64_t cv = 0; cv < NV; ++cv) {
+    const int nc = (int)std::min<int64_t>(L, g.D - cv * L);
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+        const int n = (int)std::min<int64_t>(L, g.W - w0);
+        const T* src = GVT + ((cv * g.H + h) * g.W + w0) * L;
+        for (int p = 0; p < L; ++p) m[p] = p < n ? loadu(src + p * L) : Vec<T>{};
+        transpose<T>(m);
+        T* dst = GV + cv * L * HW + h * g.W + w0;
+        for (int c = 0; c < nc; ++c) {
+          if (n == L) storeu(dst + c * HW, m[c]);
+          else storen(dst + c * HW, m[c], n);
+        }
+      }
+  }
+}
+
 // DST[b * WG + x] = SRC[x * T2 + b] for the k taps b of nx pixels x (one tap row of a pixel-major
 // attn row): L x L register transposes; stores stop at nx (the scratch's padding stays zero).
 template <typename T>
@@ -956,11 +1118,83 @@ void fill_taps_pixel_major(const T* src, int64_t T2, int k, int64_t nx_all, T* d
   }
 }
 
+// Pixel-major attention where a GvalueBlock fits (block width P): one task per group, whose
+// grad_out is copied channels-last once (as the forward copies its value) and whose gradient
+// accumulates channels-last (see GvalueBlock).
+template <typename T>
+void grad_value_blocks(const T* attn, const T* grad_out, T* gvalue, const Geo& g, int P,
+                       int nthreads) {
+  constexpr int L = lanes<T>();
+  const int k = g.k, r = g.r;
+  const int64_t HW = g.HW(), T2 = (int64_t)k * k, NV = (g.D + L - 1) / L, WL = g.W * L;
+  const int NX = P + k - 1;
+  // the blocks of a row: first source column, interior pixels [xlo, xhi), first column owned
+  struct GBlock {
+    int64_t q0;
+    int xlo, xhi, pmin;
+  };
+  std::vector<GBlock> blocks;
+  for (int64_t q = 0; q < g.W; q += P) {
+    const int64_t q0 = std::min<int64_t>(q, g.W - P);
+    blocks.push_back({q0, (int)std::max<int64_t>(0, 2 * r - q0),
+                      (int)std::min<int64_t>(NX, g.W - q0), (int)(q - q0)});
+  }
+  const int64_t nb = (int64_t)blocks.size();
+  parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
+    const T* A = attn + bg * T2 * HW;
+    const T* G = grad_out + bg * g.D * HW;
+    T* GV = gvalue + bg * g.D * HW;
+    T* gt = thread_scratch<T, 1>(NV * HW * L, false);
+    T* gvt = thread_scratch<T, 2>(NV * HW * L, true);
+    to_channels_last<T>(G, gt, g);
+    for (int64_t i = 0; i < g.H; ++i) {
+      const int64_t s = window_start(i, g.H, k);
+      for (int64_t bi = 0; bi < nb; ++bi) {
+        const GBlock& blk = blocks[bi];
+        const T* pk = A + (i * g.W + blk.q0 - r) * T2;
+        // the next block's taps that this one does not read (the next row's first block: all)
+        const char* pf = nullptr;
+        int pf_lines = 0;
+        const int64_t ni = bi + 1 < nb ? i : i + 1;
+        if (ni < g.H) {
+          const GBlock& nx = blocks[(bi + 1) % nb];
+          const T* nk = A + (ni * g.W + nx.q0 - r) * T2;
+          const T* lo = nk + nx.xlo * T2;
+          const T* hi = nk + nx.xhi * T2;
+          if (ni == i) lo = std::max(lo, pk + blk.xhi * T2);
+          if (hi > lo) {
+            pf = (const char*)lo;
+            pf_lines = (int)(((const char*)hi - pf + 63) / 64);
+          }
+        }
+        for (int64_t cv = 0; cv < NV; ++cv) {
+          const T* gtr = gt + ((cv * g.H + i) * g.W + blk.q0 - r) * L;
+          T* accp = gvt + ((cv * g.H + s) * g.W + blk.q0) * L;
+          if (P == kPix)
+            gvalue_block<T, kPix>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
+                                  cv ? nullptr : pf, pf_lines);
+          else
+            gvalue_block<T, kPixAlt>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
+                                     cv ? nullptr : pf, pf_lines);
+        }
+      }
+      for (int64_t cv = 0; cv < NV; ++cv)
+        gvalue_borders<T>(k, A + i * g.W * T2, gt + (cv * g.H + i) * g.W * L,
+                          gvt + (cv * g.H + s) * g.W * L, g.W, WL);
+    }
+    from_channels_last<T>(gvt, GV, g);
+  });
+}
+
 // PM: attn pixel-major; the per-row scratch gets the same tap-major rows, transposed from it in
 // L x L register tiles.
 template <typename T>
 void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue, const Geo& g,
                      int64_t WG, int nthreads, bool pm) {
+  if (pm) {
+    const int P = gvalue_block_width(g);
+    if (P > 0) return grad_value_blocks<T>(attn, grad_out, gvalue, g, P, nthreads);
+  }
   constexpr int L = lanes<T>();
   const int k = g.k, r = g.r;
   const int64_t HW = g.HW(), T2 = (int64_t)k * k;
