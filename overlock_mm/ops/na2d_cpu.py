@@ -136,6 +136,8 @@ def build(verbose: bool = False) -> ctypes.CDLL:
                     fn = getattr(lib, f'na2d_{name}_{suffix}')
                     fn.argtypes, fn.restype = sig, None
                 getattr(lib, f'na2d_lanes_{suffix}').restype = ctypes.c_int
+            lib.na2d_grad_value_gathers.argtypes = [_i64, _int, _int]
+            lib.na2d_grad_value_gathers.restype = ctypes.c_int
             return lib
         except Exception as e:  # noqa: BLE001 - try the next, more portable flag set
             errors.append(f'{" ".join(flags)}: {e}')
@@ -247,14 +249,16 @@ def grad_value(grad_out: torch.Tensor, attn: torch.Tensor, k: int) -> torch.Tens
     b, g, d, h, w = grad_out.shape
     r = k // 2
     wg = w + lanes + 2 * r
-    # grad_out of the interior columns, stored at column j + r, zero elsewhere.
-    gpad = grad_out.new_zeros((b, g, d, h, wg))
-    gpad[..., 2 * r:w] = grad_out[..., r:w - r]
-    gvalue = torch.empty_like(grad_out)
     attn, pm = _attn_layout(attn)
+    gpad = None  # the pixel-major scatter reads grad_out itself
+    if lib.na2d_grad_value_gathers(w, k, pm):
+        # grad_out of the interior columns, stored at column j + r, zero elsewhere.
+        gpad = grad_out.new_zeros((b, g, d, h, wg))
+        gpad[..., 2 * r:w] = grad_out[..., r:w - r]
+    gvalue = torch.empty_like(grad_out)
     fn = getattr(lib, f'na2d_grad_value_{suf}')
-    fn(attn.data_ptr(), grad_out.data_ptr(), gpad.data_ptr(), gvalue.data_ptr(), b * g, d, h, w, k,
-       wg, pm, torch.get_num_threads())
+    fn(attn.data_ptr(), grad_out.data_ptr(), None if gpad is None else gpad.data_ptr(),
+       gvalue.data_ptr(), b * g, d, h, w, k, wg, pm, torch.get_num_threads())
     return gvalue
 
 

@@ -1283,7 +1283,8 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
 extern "C" {
 
 // Geometry: BG = batch * groups, D channels per group, H x W map, odd k <= min(H, W); pm: attn
-// (and grad_attn) pixel-major, [BG][H][W][k*k], else tap-major, [BG][k*k][H][W].
+// (and grad_attn) pixel-major, [BG][H][W][k*k], else tap-major, [BG][k*k][H][W].  grad_value's
+// gpad may be null where na2d_grad_value_gathers says it is not read.
 #define NA2D_EXPORT(T, SUF)                                                                    \
   int na2d_lanes_##SUF() { return lanes<T>(); }                                               \
   void na2d_forward_##SUF(const T* attn, const T* value, T* out, int64_t BG, int64_t D,     \
@@ -1306,5 +1307,12 @@ extern "C" {
 NA2D_EXPORT(float, f32)
 NA2D_EXPORT(double, f64)
 #undef NA2D_EXPORT
+
+// Whether na2d_grad_value_* reads `gpad` for a map W wide and kernel k: the gather does, the
+// pixel-major scatter (GvalueBlock) does not, and the caller then passes null.
+int na2d_grad_value_gathers(int64_t W, int k, int pm) {
+  const Geo g{1, 1, k, W, k, k / 2};
+  return !(pm && gvalue_block_width(g) > 0);
+}
 
 }  // extern "C"
