@@ -616,8 +616,11 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
                     return na2d_av(s_attn, s_value, k, impl=impl)
 
             def fwdbwd(impl=impl, a=a, v=v, s_grad=s_grad):
-                a.grad = v.grad = None
+                # the gradients die within the call: the peak counts this call's own, and no
+                # earlier call's sit in the baseline (freed during the measured call, they made
+                # the figure depend on where glibc had put them: 2-30 MB at the k = 13 map)
                 na2d_av(a, v, k, impl=impl).backward(s_grad)
+                a.grad = v.grad = None
 
             fwds.append(fwd)
             fwdbwds.append(fwdbwd)
@@ -640,8 +643,8 @@ def bench_op_case(case: OpCase, impls: Sequence[str], device: torch.device, warm
                 return _dwconv(x, weight)
 
         def conv_fwdbwd(xg=xg, wg=wg, s_grad=s_grad):
-            xg.grad = wg.grad = None
             _dwconv(xg, wg).backward(s_grad.reshape(b, g * d, h, w))
+            xg.grad = wg.grad = None  # as in fwdbwd above
 
         fwds.append(conv_fwd)
         fwdbwds.append(conv_fwdbwd)
