@@ -952,11 +952,12 @@ struct GvalueBorder {
 // vector (GT: a channels-last copy) feeds up to K FMAs.  The r border pixels on each side of
 // a row (one shared, clamped window) follow the row's blocks while its taps are still cached.
 // Measured against the gather (GvalueChunk after fill_taps_pixel_major, which transposes every
-// tap into a scratch row) on the AMD EPYC VM, two threads: 3.5x faster at the k = 13 detection
-// map, 1.7-2x at k = 5 and 7 (docs/performance.md).  Two intermediate forms were slower:
-// accumulators of one source row kept in registers over all rows i (each row's taps read K
-// times, K * K elements apart: 2.5x the forward's time), and the border pixels added in a
-// second pass by GvalueBorder (their taps read back from memory: +40 % at k = 13, 8 groups).
+// tap into a scratch row) on the AMD EPYC VM, two threads: 2.7-3.5x faster at the k = 13
+// detection map, 1.75-2.6x at k = 5 and 7 (docs/performance.md).  Two intermediate forms were
+// slower: accumulators of one source row kept in registers over all rows i (each row's taps
+// read K times, K * K elements apart: 3.0-3.7x the forward's time, one thread, 8 groups), and
+// the border pixels added in a second pass by GvalueBorder (their taps read back from memory:
+// +40 % at k = 13, 8 groups).
 template <typename T, int K, int P>
 struct GvalueBlock {
   static constexpr int L = lanes<T>(), R = K / 2, NX = P + K - 1, T2 = K * K;
