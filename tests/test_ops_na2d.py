@@ -19,17 +19,22 @@ IMPLS = available_impls()
 LAYOUTS = ('contiguous', 'pixel-major')
 
 
-def brute_force_av(attn_nat: torch.Tensor, v_nat: torch.Tensor, k: int) -> torch.Tensor:
-    """attn [B, G, H, W, k*k], v [B, G, H, W, D] -> [B, G, H, W, D] (NATTEN layout)."""
-    B, G, H, W, D = v_nat.shape
+def clamped_windows(H: int, W: int, k: int):
+    """(i, j, si, sj) for every pixel: its k x k window starts at (si, sj), clamped to the map."""
     r = k // 2
-    out = torch.zeros_like(v_nat)
     for i in range(H):
         si = min(max(i - r, 0), H - k)
         for j in range(W):
-            sj = min(max(j - r, 0), W - k)
-            window = v_nat[:, :, si:si + k, sj:sj + k, :].reshape(B, G, k * k, D)
-            out[:, :, i, j] = (attn_nat[:, :, i, j, :, None] * window).sum(2)
+            yield i, j, si, min(max(j - r, 0), W - k)
+
+
+def brute_force_av(attn_nat: torch.Tensor, v_nat: torch.Tensor, k: int) -> torch.Tensor:
+    """attn [B, G, H, W, k*k], v [B, G, H, W, D] -> [B, G, H, W, D] (NATTEN layout)."""
+    B, G, H, W, D = v_nat.shape
+    out = torch.zeros_like(v_nat)
+    for i, j, si, sj in clamped_windows(H, W, k):
+        window = v_nat[:, :, si:si + k, sj:sj + k, :].reshape(B, G, k * k, D)
+        out[:, :, i, j] = (attn_nat[:, :, i, j, :, None] * window).sum(2)
     return out
 
 
@@ -120,14 +125,10 @@ def brute_force_grad_value(attn_nat, g_nat, k):
     """d(sum(out * g)) / d(value) by scattering every pixel's weighted ``g`` into its window:
     [B, G, H, W, k*k], [B, G, H, W, D] -> [B, G, H, W, D] (NATTEN layout)."""
     B, G, H, W, D = g_nat.shape
-    r = k // 2
     grad = torch.zeros_like(g_nat)
-    for i in range(H):
-        si = min(max(i - r, 0), H - k)
-        for j in range(W):
-            sj = min(max(j - r, 0), W - k)
-            taps = attn_nat[:, :, i, j].reshape(B, G, k, k, 1)
-            grad[:, :, si:si + k, sj:sj + k] += taps * g_nat[:, :, i, j, None, None, :]
+    for i, j, si, sj in clamped_windows(H, W, k):
+        taps = attn_nat[:, :, i, j].reshape(B, G, k, k, 1)
+        grad[:, :, si:si + k, sj:sj + k] += taps * g_nat[:, :, i, j, None, None, :]
     return grad
 
 
