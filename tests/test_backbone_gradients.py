@@ -1,9 +1,12 @@
 """Whole-backbone check of the fast paths: outputs and parameter gradients of OverLoCK with the
 auto-selected ContMix op and the CPU depthwise-conv path equal those of the same weights on the
-F.unfold reference formulation with PyTorch's own depthwise convolution (detection layout, a
-small input whose stage-3/4 maps are smaller than the kernels)."""
+F.unfold reference formulation with PyTorch's own depthwise convolution (detection layout). Two
+inputs: 96 px, whose stage-3/4 maps are smaller than the kernels (resized up), and 224 px, whose
+14x14 stage-3 map takes the CPU kernel's compiled blocks (the pixel-major grad_value scatter
+among them) and its 7x7 stage-4 map the generic ones."""
 import contextlib
 
+import pytest
 import torch
 
 from overlock_mm import OverLoCK
@@ -25,10 +28,11 @@ def _outputs_and_grads(model, x, impl, plain_dwconv):
             {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def test_fast_paths_match_reference_gradients():
+@pytest.mark.parametrize('size', [96, 224])
+def test_fast_paths_match_reference_gradients(size):
     torch.manual_seed(0)
     model = OverLoCK('xt', layout='det', out_indices=(0, 1, 2, 3), drop_path_rate=0.).train()
-    x = torch.randn(2, 3, 96, 96)
+    x = torch.randn(2, 3, size, size)
     ours, g_ours = _outputs_and_grads(model, x, 'auto', plain_dwconv=False)
     ref, g_ref = _outputs_and_grads(model, x, 'reference', plain_dwconv=True)
     for a, b in zip(ours, ref):
