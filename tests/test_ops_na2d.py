@@ -105,12 +105,21 @@ def test_forward_float32_tolerance(impl, k, H, W, D, layout):
 BLOCK_CASES = [(k, w, d) for k in (3, 5, 7, 9, 11, 13)
                for w, d in ((16 + k // 2, 16), (45, 10), (84, 24))] + [(13, 21, 16), (15, 40, 16),
                                                                        (3, 113, 16)]
+# Maps too narrow for those widths, where the forward uses blocks of 8 or 4 pixels (the
+# classification maps: 14x14 at k = 13 is two 8-pixel blocks, 7x7 at k = 5 / 7 two 4-pixel ones;
+# (7, 10) and (9, 17) have interior blocks too).  (13, 18) would need 4-pixel interior blocks,
+# which cannot reach the clamped pixels 4 and 5 from the border block [0, 4): it must stay on
+# the generic path (it failed before blocks_fit asked for P >= r).  Channel counts below, at and
+# above one vector.
+NARROW_CASES = [(3, 10, 16), (5, 7, 16), (5, 8, 10), (5, 14, 24), (7, 7, 16), (7, 10, 10),
+                (7, 12, 24), (9, 13, 16), (9, 17, 10), (11, 14, 10), (13, 14, 16), (13, 16, 24),
+                (13, 18, 10)]
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('k,W,D', BLOCK_CASES)
+@pytest.mark.parametrize('k,W,D', BLOCK_CASES + NARROW_CASES)
 def test_forward_block_kernels(impl, dtype, k, W, D, layout):
     H = k + 3
     attn, v = make(1, 2, D, H, W, k, dtype=dtype, seed=k + W)
@@ -156,12 +165,18 @@ def test_grad_value_block_kernels(impl, dtype, k, W, D, layout):
 # puts more than 4 of a window row's taps into one L1 set (it repeats every 4 KB); then from a
 # packed copy per block.  The cases above read directly; maps whose plane is a multiple of 4 KB
 # take the copy at every compiled k > 4 (k = 3 never does): 16 x 64 with 16-pixel blocks,
-# 128 x 56 with 14-pixel blocks, in both dtypes.  (Contiguous weights only: pixel-major ones are
-# always read in place.)
+# 128 x 56 with 14-pixel blocks, 64 x 16 with 8-pixel blocks from k = 7 (the copy's 16-wide
+# loads then start left of the row's second block), in both dtypes.  128 x 8 is narrower than
+# the copy's 16-wide loads, which would start before the first row (out of bounds, though the
+# values would come out right): there the forward takes the generic path, or with 8-lane vectors
+# 4-pixel blocks.  (Contiguous weights only: pixel-major ones are always read in place.)
+PACKED_CASES = [(k, h, w) for k in (5, 7, 9, 11, 13) for h, w in ((16, 64), (128, 56), (64, 16))
+                ] + [(5, 128, 8), (7, 128, 8)]
+
+
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('k', [5, 7, 9, 11, 13])
-@pytest.mark.parametrize('H,W', [(16, 64), (128, 56)])
+@pytest.mark.parametrize('k,H,W', PACKED_CASES)
 def test_forward_block_kernels_packed_taps(impl, dtype, k, H, W):
     attn, v = make(1, 2, 16, H, W, k, dtype=dtype, seed=k)
     expected = brute_force_av(attn.double(), v.double(), k)

@@ -208,6 +208,11 @@ constexpr int kPix = kVecBytes == 64 ? 16 : 8;  // most pixels (accumulator vect
 // pixels computed in all is used (84 = 6 x 14 at a detection stage-3 map, 42 = 3 x 14 at
 // stage 4, where 16-pixel blocks compute 96 and 48).
 constexpr int kPixAlt = kPix >= 14 ? 14 : kPix;
+// Narrow widths, used only where neither of the above fits (blocks_fit): the classification
+// maps.  A 14x14 map at k = 13 is two 8-pixel border blocks (windows clamped on one side each,
+// pixels 6 and 7 computed twice), a 7x7 map at k = 5 or 7 two 4-pixel ones; without them those
+// maps took fwd_block_any, one value load per FMA.
+constexpr int kPixNarrow[] = {8, 4};
 
 // Window start of pixel p of a P-pixel block relative to that of pixel 0.  POS 0: interior
 // block (no clamping); 1: block at column 0 (windows clamped at 0); 2: block ending at column
@@ -646,22 +651,24 @@ void dispatch_block(int pos, int k, const T* pk, int64_t ts, const T* vb, int64_
 // at W - 1, interior blocks in between (the last shifted left to stay interior: overlaps
 // recompute the same values).  Valid when a border block's windows clamp on one side only
 // (W >= P + r) and the interior blocks fit between the clamped columns (W >= P + 2r, unless
-// there are none: W <= 2P); W >= kPix for the packed copy's whole-vector loads (see
-// forward_impl).  Otherwise, or for k without a compiled kernel: generic blocks.
+// there are none: W <= 2P) while the border blocks reach them (P >= r); W >= kPix for the packed copy's whole-vector loads unless the taps
+// are read in place (DIRECT, see forward_impl).  Otherwise, or for k without a compiled kernel:
+// generic blocks.
 struct Block {
   int64_t j0, x0;
   int pos, n;
 };
 
-inline bool blocks_fit(const Geo& g, int P) {
+inline bool blocks_fit(const Geo& g, int P, bool direct) {
   bool fixed = false;
   for (int k : kFixedK) fixed = fixed || k == g.k;
-  return fixed && g.W >= kPix && g.W >= P + g.r && (g.W <= 2 * P || g.W >= P + 2 * g.r);
+  return fixed && (direct || g.W >= kPix) && g.W >= P + g.r &&
+         (g.W <= 2 * P || (g.W >= P + 2 * g.r && P >= g.r));
 }
 
-inline std::vector<Block> plan_blocks(const Geo& g, int P) {
+inline std::vector<Block> plan_blocks(const Geo& g, int P, bool direct) {
   std::vector<Block> out;
-  if (blocks_fit(g, P)) {
+  if (blocks_fit(g, P, direct)) {
     out.push_back({0, 0, 1, P});
     for (int64_t j = P; j < g.W - P; j += P) {
       const int64_t j0 = std::max<int64_t>(g.r, std::min<int64_t>(j, g.W - g.r - P));
@@ -675,15 +682,19 @@ inline std::vector<Block> plan_blocks(const Geo& g, int P) {
   return out;
 }
 
-// Block width for a map: the compiled width computing the fewest pixels per row (ties: kPix).
-inline int block_width(const Geo& g) {
+// Block width for a map: of kPix and kPixAlt the one computing the fewest pixels per row (ties:
+// kPix); where neither fits, the widest narrow width that does; else kPix (generic blocks).
+inline int block_width(const Geo& g, bool direct) {
   int best = kPix;
   int64_t best_px = -1;
   for (int P : {kPix, kPixAlt}) {
-    if (!blocks_fit(g, P)) continue;
-    const int64_t px = (int64_t)plan_blocks(g, P).size() * P;
+    if (!blocks_fit(g, P, direct)) continue;
+    const int64_t px = (int64_t)plan_blocks(g, P, direct).size() * P;
     if (best_px < 0 || px < best_px) best = P, best_px = px;
   }
+  if (best_px < 0)
+    for (int P : kPixNarrow)
+      if (P < kPix && blocks_fit(g, P, direct)) return P;
   return best;
 }
 
@@ -744,11 +755,11 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
   constexpr int L = lanes<T>();
   const int k = g.k;
   const int64_t HW = g.HW(), T2 = (int64_t)k * k, WL = g.W * L, NV = (g.D + L - 1) / L;
-  const int P = block_width(g);
-  const std::vector<Block> blocks = plan_blocks(g, P);
-  const int64_t nblocks = (int64_t)blocks.size();
   // pixel-major taps are read in place: one block's taps are one run of memory, no L1 conflicts
   const bool direct = pm || taps_spread(HW * (int64_t)sizeof(T), k);
+  const int P = block_width(g, direct);
+  const std::vector<Block> blocks = plan_blocks(g, P, direct);
+  const int64_t nblocks = (int64_t)blocks.size();
   const int64_t ts = pm ? 1 : direct ? HW : kPix;  // tap stride of what the block kernels read
   const int64_t ps = pm ? T2 : 1;                   // pixel stride of attn
   parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
@@ -816,8 +827,14 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
           else if (P == kPix)
             dispatch_block<T, kPix>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
-          else
+          else if (P == kPixAlt)
             dispatch_block<T, kPixAlt>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
+          else if (P == kPixNarrow[0])
+            dispatch_block<T, kPixNarrow[0]>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill,
+                                             pf, pfo);
+          else
+            dispatch_block<T, kPixNarrow[1]>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill,
+                                             pf, pfo);
         }
       }
     }
