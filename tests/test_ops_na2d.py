@@ -142,13 +142,15 @@ def brute_force_grad_value(attn_nat, g_nat, k):
 
 
 # grad_value of pixel-major weights has compiled block kernels of its own (k in 3..13, blocks of
-# 16 or 14 source columns, W >= 14; the row's last block overlaps the one before, the blocks at
-# both ends skip border pixels, whose clamped windows are summed apart): the same widths,
-# channel counts and dtypes as the forward's block cases, both layouts.
+# 16 or 14 source columns where W >= 14, else 8 or 4; the row's last block overlaps the one
+# before, the blocks at both ends skip border pixels, whose clamped windows are summed apart):
+# the same widths, channel counts and dtypes as the forward's block cases, both layouts.
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('k,W,D', BLOCK_CASES + [(13, 14, 16), (5, 16, 33)])
+@pytest.mark.parametrize('k,W,D', BLOCK_CASES + NARROW_CASES + [(5, 16, 33), (3, 3, 16),
+                                                                (5, 5, 10), (9, 9, 16),
+                                                                (11, 12, 16), (13, 13, 24)])
 def test_grad_value_block_kernels(impl, dtype, k, W, D, layout):
     H = k + 3
     attn, v = make(1, 2, D, H, W, k, dtype=dtype, seed=k + W)

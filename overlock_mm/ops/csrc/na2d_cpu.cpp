@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -178,7 +179,7 @@ constexpr int kRowsPerTask = 8;
 // [NV][H][W][L] (NV = ceil(D / L) channel vectors, zero padded; to_channels_last), so the value
 // of one pixel is one aligned vector and every attention weight is a scalar broadcast folded into
 // its FMA (vfmaddps m32{1to16}).  A block is P consecutive pixels of one row (P = kPix or
-// kPixAlt) with one accumulator vector each:
+// kPixAlt; kPixNarrow on narrow maps) with one accumulator vector each:
 //   acc[p] += attn[a*k+b][i][j0+p] * VT[s(i)+a][x0 + off[p] + b]
 // where x0 is the window start of the block's first pixel and off[p] that of pixel p relative to
 // it.  Walking the value columns x of a window row, each value vector loaded feeds every pixel
@@ -959,7 +960,8 @@ struct GvalueBorder {
 // Pixel-major attention: grad_value like the forward, vectorised over channels (a *scatter*
 // into a channels-last scratch of the group, GVT [NV][H][W][L], transposed into gvalue at the
 // end).  Pixel (i, j) adds attn[i][j][a * K + b] * grad_out[i][j] to source pixel
-// (s(i) + a, s(j) + b).  Rows i are walked in order, each in blocks of P source columns q0 + p;
+// (s(i) + a, s(j) + b).  Rows i are walked in order, each in blocks of P source columns q0 + p
+// (P as in the forward, gvalue_block_width);
 // for every tap row a, the block's P accumulator vectors of source row s(i) + a are loaded,
 // get the taps of the interior pixels j = q0 - r + x (s(j) = j - r: to accumulator
 // p = x + b - 2r) and are stored back.  A pixel's taps are consecutive in pixel-major memory
@@ -1053,19 +1055,25 @@ struct GvalueBlock {
   }
 };
 
-// Block width of GvalueBlock for a row of W: the compiled width computing the fewest columns
-// (ties: kPix); 0 where none fits (W < kPixAlt) or k has no compiled kernel.
+// Block width of GvalueBlock for a row of W: of kPix and kPixAlt the width computing the fewest
+// columns (ties: kPix); on rows narrower than both, of the narrow widths (the forward's, 8 and
+// 4: 7x7 classification maps) likewise; 0 where k has no compiled kernel (then the gather runs).
 inline int gvalue_block_width(const Geo& g) {
   bool fixed = false;
   for (int k : kFixedK) fixed = fixed || k == g.k;
-  int best = 0;
-  int64_t best_px = -1;
-  for (int P : {kPix, kPixAlt}) {
-    if (!fixed || g.W < P) continue;
-    const int64_t px = (g.W + P - 1) / P * P;
-    if (best_px < 0 || px < best_px) best = P, best_px = px;
-  }
-  return best;
+  if (!fixed) return 0;
+  auto pick = [&](std::initializer_list<int> widths) {
+    int best = 0;
+    int64_t best_px = -1;
+    for (int P : widths) {
+      if (g.W < P) continue;
+      const int64_t px = (g.W + P - 1) / P * P;
+      if (best_px < 0 || px < best_px) best = P, best_px = px;
+    }
+    return best;
+  };
+  const int wide = pick({kPix, kPixAlt});
+  return wide ? wide : pick({kPixNarrow[0], kPixNarrow[1]});
 }
 
 template <typename T, int P>
@@ -1188,12 +1196,19 @@ void grad_value_blocks(const T* attn, const T* grad_out, T* gvalue, const Geo& g
         for (int64_t cv = 0; cv < NV; ++cv) {
           const T* gtr = gt + ((cv * g.H + i) * g.W + blk.q0 - r) * L;
           T* accp = gvt + ((cv * g.H + s) * g.W + blk.q0) * L;
+          const char* pfc = cv ? nullptr : pf;
           if (P == kPix)
-            gvalue_block<T, kPix>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
-                                  cv ? nullptr : pf, pf_lines);
+            gvalue_block<T, kPix>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin, pfc,
+                                  pf_lines);
+          else if (P == kPixAlt)
+            gvalue_block<T, kPixAlt>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin, pfc,
+                                     pf_lines);
+          else if (P == kPixNarrow[0])
+            gvalue_block<T, kPixNarrow[0]>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
+                                           pfc, pf_lines);
           else
-            gvalue_block<T, kPixAlt>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
-                                     cv ? nullptr : pf, pf_lines);
+            gvalue_block<T, kPixNarrow[1]>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
+                                           pfc, pf_lines);
         }
       }
       for (int64_t cv = 0; cv < NV; ++cv)
