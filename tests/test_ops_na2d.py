@@ -263,6 +263,42 @@ def test_gradients_match_brute_force(impl, k, H, W, D, layout):
     torch.testing.assert_close(v2.grad.permute(0, 1, 3, 4, 2), grad_v)
 
 
+def brute_force_grad_attn(g_nat, v_nat, k):
+    """d(sum(out * g)) / d(attn): every pixel's window of ``v`` dotted with its ``g``:
+    [B, G, H, W, D] twice -> [B, G, H, W, k*k] (NATTEN layout)."""
+    B, G, H, W, D = v_nat.shape
+    grad = torch.zeros(B, G, H, W, k * k, dtype=v_nat.dtype)
+    for i, j, si, sj in clamped_windows(H, W, k):
+        window = v_nat[:, :, si:si + k, sj:sj + k, :].reshape(B, G, k * k, D)
+        grad[:, :, i, j] = (window * g_nat[:, :, i, j, None, :]).sum(-1)
+    return grad
+
+
+# grad_attn of pixel-major weights has two kernels: tiles of pixels (tap-major, then transposed)
+# and, where k >= 9 or rows are narrow, one vector per tap row of a pixel, two rows at a time
+# (GattnPm; 2k * ceil(W / lanes) > W).  Cases on both sides of that rule in both dtypes (float64
+# vectors hold 8 values, so there only k <= 7 takes GattnPm): odd H (a last single row), H = k
+# (every row clamped: row pairs share their window), channel counts below and above a vector.
+GATTN_CASES = [(3, 5, 6, 16), (5, 7, 7, 16), (5, 9, 8, 10), (7, 7, 7, 24), (7, 13, 12, 16),
+               (9, 13, 30, 16), (11, 12, 20, 10), (13, 13, 14, 16), (13, 17, 40, 24),
+               (5, 14, 14, 16), (7, 9, 42, 16), (5, 6, 33, 10)]
+
+
+@pytest.mark.parametrize('impl', [i for i in IMPLS if i == 'cpu'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('k,H,W,D', GATTN_CASES)
+def test_grad_attn_pixel_major_kernels(impl, dtype, k, H, W, D):
+    attn, v = make(2, 2, D, H, W, k, dtype=dtype, seed=k * W)
+    g = torch.randn(2, 2, H, W, D, generator=torch.Generator().manual_seed(H), dtype=dtype)
+    expected = brute_force_grad_attn(g.double(), v.double(), k)
+    a2, v2 = to_ours(attn, v, 'pixel-major')
+    a2 = leaf(a2)
+    (from_ours(na2d_av(a2, v2.contiguous(), k, impl=impl)) * g).sum().backward()
+    assert is_pixel_major(a2.grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (a2.grad.permute(0, 1, 3, 4, 2).double() - expected).abs().max() < tol
+
+
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -866,11 +866,123 @@ void store_pixel_major(const T* sc, T* GA, int64_t W, int64_t T2, int nrows) {
     }
 }
 
+// Pixel-major grad_attn, vectorised over the taps of one tap row:
+//   gattn[i][j][a * K + b] = sum_c grad_out[c][i][j] * value[c][s(i) + a][s(j) + b],  b < K
+// is one vector of K lanes (K <= lanes): the value columns s(j)..s(j) + K - 1 of a row, one
+// unaligned load from the row-padded copy VP (WP = W + L: it never leaves the row), times
+// grad_out[c][i][j] broadcast.  Rows i and i + 1 go together: their tap rows read the source
+// rows s(i) .. s(i + 1) + K - 1 (S1 = s(i + 1) - s(i): 1, or 0 where the windows are clamped),
+// so each value load feeds both pixels' FMAs, and their 2K accumulators (26 at k = 13) stay in
+// registers over all channels.  Each pixel's taps are then stored where they belong, K at a
+// time (masked): no tap-major scratch, no transposes.
+// Registers: 2K accumulators, two broadcasts and the value vector.
+constexpr int kVecRegs = kVecBytes == 64 ? 32 : 16;
+
+template <typename T, int K>
+struct GattnPm {
+  // compiled only where a tap row is one vector and the accumulators fit the registers
+  static constexpr bool kFits = K <= lanes<T>() && 2 * K + 3 <= kVecRegs;
+
+  // G -> grad_out[0][i][j], VR -> VP[0][s(i)][s(j)], GA -> gattn[i][j][0]; row i + 1's pixel is
+  // W further in grad_out and W * K * K further in gattn.
+  template <int S1, int NR>
+  __attribute__((noinline)) static void pixel(const T* __restrict G, const T* __restrict VR,
+                                              T* __restrict GA, int64_t W, int64_t HW,
+                                              int64_t HWP, int64_t WP, int64_t D) {
+    Vec<T> acc0[K], acc1[K];
+#pragma GCC unroll 16
+    for (int a = 0; a < K; ++a) acc0[a] = acc1[a] = Vec<T>{};
+    for (int64_t c = 0; c < D; ++c) {
+      const T x0 = G[c * HW], x1 = NR == 2 ? G[c * HW + W] : T(0);
+      const T* v = VR + c * HWP;
+#pragma GCC unroll 16
+      for (int o = 0; o < K + (NR == 2 ? S1 : 0); ++o) {
+        const Vec<T> vv = in_register<T>(loadu(v + o * WP));
+        if (o < K) acc0[o] += x0 * vv;
+        if (NR == 2 && o >= S1) acc1[o - S1] += x1 * vv;
+      }
+    }
+    // whole vectors where their lanes past K land on the pixel's next tap row (stored next):
+    // a * K + L <= K * K up to a = K - 2 where L <= 2K; masked stores otherwise
+    constexpr int kWhole = lanes<T>() <= 2 * K ? K - 1 : 0;
+#pragma GCC unroll 16
+    for (int a = 0; a < K; ++a) {
+      if (a < kWhole) {
+        storeu(GA + a * K, acc0[a]);
+        if (NR == 2) storeu(GA + W * K * K + a * K, acc1[a]);
+      } else {
+        storen(GA + a * K, acc0[a], K);
+        if (NR == 2) storen(GA + W * K * K + a * K, acc1[a], K);
+      }
+    }
+  }
+
+  static void run(const T* G, const T* VR, T* GA, int64_t W, int64_t HW, int64_t HWP,
+                  int64_t WP, int64_t D, int s1, int nrows) {
+    if constexpr (kFits) {
+      if (nrows == 1) pixel<0, 1>(G, VR, GA, W, HW, HWP, WP, D);
+      else if (s1 == 0) pixel<0, 2>(G, VR, GA, W, HW, HWP, WP, D);
+      else pixel<1, 2>(G, VR, GA, W, HW, HWP, WP, D);
+    }
+  }
+};
+
+// Where GattnPm runs instead of the tiles (which compute tap-major, L pixels per vector, into a
+// scratch transposed afterwards): the compiled k that fit its registers, and only where its K
+// lanes of L beat the tiles' lane use (W of ceil(W / L) * L) by more than half, i.e.
+// 2K * ceil(W / L) > W.  That rule comes from bare-kernel A/Bs on the AMD EPYC VM (two threads,
+// 2026-11-29): GattnPm 1.3-1.5x faster at k = 9..13 on detection maps and 14x14, 1.6-2.0x on
+// 7x7 (k = 5 / 7) and 1.14x on 12x12 k = 7; slower where the rule says tiles: 0.72-0.78x at
+// k = 5 on 14- and 42-pixel rows, 0.90-0.93x at k = 7 on 42 and 84 (14x14 k = 7: equal).
+template <typename T>
+inline bool gattn_pm_fits(const Geo& g) {
+  constexpr int L = lanes<T>();
+  bool fixed = false;
+  for (int k : kFixedK) fixed = fixed || k == g.k;
+  return fixed && g.k <= L && 2 * g.k + 3 <= kVecRegs &&  // GattnPm<T, k>::kFits
+         2 * g.k * ((g.W + L - 1) / L) > g.W;
+}
+
+template <typename T>
+void grad_attn_pm_taps(const T* grad_out, const T* vp, T* gattn, const Geo& g, int64_t WP,
+                       int nthreads) {
+  const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
+  std::vector<int64_t> sj(g.W);
+  for (int64_t j = 0; j < g.W; ++j) sj[j] = window_start(j, g.W, g.k);
+  const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
+    const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
+    const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
+    const T* G = grad_out + bg * g.D * HW;
+    const T* V = vp + bg * g.D * HWP;
+    T* GA = gattn + bg * T2 * HW;
+    for (int64_t i = i_begin; i < i_end; i += 2) {
+      const int nrows = (int)std::min<int64_t>(2, i_end - i);
+      const int64_t s0 = window_start(i, g.H, g.k);
+      const int s1 = nrows == 2 ? (int)(window_start(i + 1, g.H, g.k) - s0) : 0;
+      for (int64_t j = 0; j < g.W; ++j) {
+        const T* gp = G + i * g.W + j;
+        const T* vr = V + s0 * WP + sj[j];
+        T* ga = GA + (i * g.W + j) * T2;
+        switch (g.k) {
+#define NA2D_GA_CASE(KK) \
+  case KK: GattnPm<T, KK>::run(gp, vr, ga, g.W, HW, HWP, WP, g.D, s1, nrows); break;
+          NA2D_GA_CASE(3) NA2D_GA_CASE(5) NA2D_GA_CASE(7) NA2D_GA_CASE(9) NA2D_GA_CASE(11)
+          NA2D_GA_CASE(13)
+#undef NA2D_GA_CASE
+          default: break;
+        }
+      }
+    }
+  });
+}
+
 // PM: gattn pixel-major.  The tiles then write each row pair tap-major into a per-thread
 // scratch (~110 KB at k = 13, W = 84: it stays in L2), transposed into gattn afterwards.
 template <typename T>
 void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int64_t WP,
                     int nthreads, bool pm) {
+  if (pm && gattn_pm_fits<T>(g)) return grad_attn_pm_taps<T>(grad_out, vp, gattn, g, WP, nthreads);
   const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
   std::vector<RowTile> tiles;
   std::vector<IVec<T>> idx;
