@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_lean,
                            is_pixel_major, lean_av_function)
@@ -64,7 +63,7 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 # (..., k, [row stride,] pixel_major, threads)
 _SIGS = {
     'forward': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _int, _int],
-    'grad_attn': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
+    'grad_attn': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
     'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
 }
 _SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
@@ -178,12 +177,6 @@ def _dims(value: torch.Tensor):
     return b * g, d, h, w
 
 
-def _padded_rows(value: torch.Tensor, lanes: int) -> torch.Tensor:
-    # every row padded by one vector of zeros: the kernels' whole-vector loads of a row never
-    # leave the buffer (border tiles permute a load that starts at the clamped window)
-    return F.pad(value, (0, lanes)).contiguous()
-
-
 def _lib() -> ctypes.CDLL:
     """The kernel library for a raw call. :func:`na2d_av_cpu` only routes calls here when it
     loaded, except inside a ``torch.compile`` trace, which cannot build it: there the first
@@ -225,10 +218,12 @@ def _grad_attn(grad_out: torch.Tensor, value: torch.Tensor, k: int, pm: int) -> 
     b, g, d, h, w = value.shape
     gattn = (value.new_empty((b, g, h, w, k * k)).permute(0, 1, 4, 2, 3) if pm
              else value.new_empty((b, g, k * k, h, w)))
-    vp = _padded_rows(value, lanes)
+    # scratch for the kernel's row-padded copy of value (every row one vector longer, so that a
+    # tile's whole-vector loads never leave it), filled by the kernel where it reads it
+    vp = value.new_empty((b, g, d, h, w + lanes))
     fn = getattr(lib, f'na2d_grad_attn_{suf}')
-    fn(grad_out.data_ptr(), vp.data_ptr(), gattn.data_ptr(), b * g, d, h, w, k, w + lanes, pm,
-       torch.get_num_threads())
+    fn(grad_out.data_ptr(), value.data_ptr(), vp.data_ptr(), gattn.data_ptr(), b * g, d, h, w, k,
+       w + lanes, pm, torch.get_num_threads())
     return gattn
 
 

@@ -869,8 +869,7 @@ void store_pixel_major(const T* sc, T* GA, int64_t W, int64_t T2, int nrows) {
 // Pixel-major grad_attn, vectorised over the taps of one tap row:
 //   gattn[i][j][a * K + b] = sum_c grad_out[c][i][j] * value[c][s(i) + a][s(j) + b],  b < K
 // is one vector of K lanes (K <= lanes): the value columns s(j)..s(j) + K - 1 of a row, one
-// unaligned load from the row-padded copy VP (WP = W + L: it never leaves the row), times
-// grad_out[c][i][j] broadcast.  Rows i and i + 1 go together: their tap rows read the source
+// masked load (K lanes: it never leaves the row), times grad_out[c][i][j] broadcast.  Rows i and i + 1 go together: their tap rows read the source
 // rows s(i) .. s(i + 1) + K - 1 (S1 = s(i + 1) - s(i): 1, or 0 where the windows are clamped),
 // so each value load feeds both pixels' FMAs, and their 2K accumulators (26 at k = 13) stay in
 // registers over all channels.  Each pixel's taps are then stored where they belong, K at a
@@ -883,21 +882,21 @@ struct GattnPm {
   // compiled only where a tap row is one vector and the accumulators fit the registers
   static constexpr bool kFits = K <= lanes<T>() && 2 * K + 3 <= kVecRegs;
 
-  // G -> grad_out[0][i][j], VR -> VP[0][s(i)][s(j)], GA -> gattn[i][j][0]; row i + 1's pixel is
-  // W further in grad_out and W * K * K further in gattn.
+  // G -> grad_out[0][i][j], VR -> value[0][s(i)][s(j)], GA -> gattn[i][j][0]; row i + 1's
+  // pixel is W further in grad_out and W * K * K further in gattn.
   template <int S1, int NR>
   __attribute__((noinline)) static void pixel(const T* __restrict G, const T* __restrict VR,
                                               T* __restrict GA, int64_t W, int64_t HW,
-                                              int64_t HWP, int64_t WP, int64_t D) {
+                                              int64_t D) {
     Vec<T> acc0[K], acc1[K];
 #pragma GCC unroll 16
     for (int a = 0; a < K; ++a) acc0[a] = acc1[a] = Vec<T>{};
     for (int64_t c = 0; c < D; ++c) {
       const T x0 = G[c * HW], x1 = NR == 2 ? G[c * HW + W] : T(0);
-      const T* v = VR + c * HWP;
+      const T* v = VR + c * HW;
 #pragma GCC unroll 16
       for (int o = 0; o < K + (NR == 2 ? S1 : 0); ++o) {
-        const Vec<T> vv = in_register<T>(loadu(v + o * WP));
+        const Vec<T> vv = in_register<T>(loadn(v + o * W, K));
         if (o < K) acc0[o] += x0 * vv;
         if (NR == 2 && o >= S1) acc1[o - S1] += x1 * vv;
       }
@@ -917,12 +916,12 @@ struct GattnPm {
     }
   }
 
-  static void run(const T* G, const T* VR, T* GA, int64_t W, int64_t HW, int64_t HWP,
-                  int64_t WP, int64_t D, int s1, int nrows) {
+  static void run(const T* G, const T* VR, T* GA, int64_t W, int64_t HW, int64_t D, int s1,
+                  int nrows) {
     if constexpr (kFits) {
-      if (nrows == 1) pixel<0, 1>(G, VR, GA, W, HW, HWP, WP, D);
-      else if (s1 == 0) pixel<0, 2>(G, VR, GA, W, HW, HWP, WP, D);
-      else pixel<1, 2>(G, VR, GA, W, HW, HWP, WP, D);
+      if (nrows == 1) pixel<0, 1>(G, VR, GA, W, HW, D);
+      else if (s1 == 0) pixel<0, 2>(G, VR, GA, W, HW, D);
+      else pixel<1, 2>(G, VR, GA, W, HW, D);
     }
   }
 };
@@ -944,9 +943,9 @@ inline bool gattn_pm_fits(const Geo& g) {
 }
 
 template <typename T>
-void grad_attn_pm_taps(const T* grad_out, const T* vp, T* gattn, const Geo& g, int64_t WP,
+void grad_attn_pm_taps(const T* grad_out, const T* value, T* gattn, const Geo& g,
                        int nthreads) {
-  const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
+  const int64_t HW = g.HW(), T2 = (int64_t)g.k * g.k;
   std::vector<int64_t> sj(g.W);
   for (int64_t j = 0; j < g.W; ++j) sj[j] = window_start(j, g.W, g.k);
   const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
@@ -954,7 +953,7 @@ void grad_attn_pm_taps(const T* grad_out, const T* vp, T* gattn, const Geo& g, i
     const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
     const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
     const T* G = grad_out + bg * g.D * HW;
-    const T* V = vp + bg * g.D * HWP;
+    const T* V = value + bg * g.D * HW;
     T* GA = gattn + bg * T2 * HW;
     for (int64_t i = i_begin; i < i_end; i += 2) {
       const int nrows = (int)std::min<int64_t>(2, i_end - i);
@@ -962,11 +961,11 @@ void grad_attn_pm_taps(const T* grad_out, const T* vp, T* gattn, const Geo& g, i
       const int s1 = nrows == 2 ? (int)(window_start(i + 1, g.H, g.k) - s0) : 0;
       for (int64_t j = 0; j < g.W; ++j) {
         const T* gp = G + i * g.W + j;
-        const T* vr = V + s0 * WP + sj[j];
+        const T* vr = V + s0 * g.W + sj[j];
         T* ga = GA + (i * g.W + j) * T2;
         switch (g.k) {
 #define NA2D_GA_CASE(KK) \
-  case KK: GattnPm<T, KK>::run(gp, vr, ga, g.W, HW, HWP, WP, g.D, s1, nrows); break;
+  case KK: GattnPm<T, KK>::run(gp, vr, ga, g.W, HW, g.D, s1, nrows); break;
           NA2D_GA_CASE(3) NA2D_GA_CASE(5) NA2D_GA_CASE(7) NA2D_GA_CASE(9) NA2D_GA_CASE(11)
           NA2D_GA_CASE(13)
 #undef NA2D_GA_CASE
@@ -977,12 +976,32 @@ void grad_attn_pm_taps(const T* grad_out, const T* vp, T* gattn, const Geo& g, i
   });
 }
 
-// PM: gattn pixel-major.  The tiles then write each row pair tap-major into a per-thread
-// scratch (~110 KB at k = 13, W = 84: it stays in L2), transposed into gattn afterwards.
+// VP [BG][D][H][WP] <- value with every row padded by WP - W zeros: what the tiles read (their
+// whole-vector loads from a clamped window start never leave a row).  Made here, by the pool,
+// rather than by the caller: a PyTorch op would wake PyTorch's own sleeping OpenMP threads,
+// ~0.1 ms per call on the 2-vCPU VM with OMP_WAIT_POLICY=PASSIVE.
 template <typename T>
-void grad_attn_impl(const T* grad_out, const T* vp, T* gattn, const Geo& g, int64_t WP,
-                    int nthreads, bool pm) {
-  if (pm && gattn_pm_fits<T>(g)) return grad_attn_pm_taps<T>(grad_out, vp, gattn, g, WP, nthreads);
+void pad_rows(const T* value, T* vp, const Geo& g, int64_t WP, int nthreads) {
+  const int64_t rows = g.D * g.H;
+  parallel_for(g.BG, nthreads, [&](int64_t bg, int) {
+    const T* src = value + bg * rows * g.W;
+    T* dst = vp + bg * rows * WP;
+    for (int64_t row = 0; row < rows; ++row) {
+      std::memcpy(dst + row * WP, src + row * g.W, sizeof(T) * g.W);
+      std::memset(dst + row * WP + g.W, 0, sizeof(T) * (WP - g.W));
+    }
+  });
+}
+
+// PM: gattn pixel-major.  GattnPm where it fits, else the tiles, which then write each row pair
+// tap-major into a per-thread scratch (~110 KB at k = 13, W = 84: it stays in L2), transposed
+// into gattn afterwards.  VP: a buffer for the tiles' padded copy of value (pad_rows; WP = W +
+// lanes), not touched where GattnPm runs.
+template <typename T>
+void grad_attn_impl(const T* grad_out, const T* value, T* vp, T* gattn, const Geo& g,
+                    int64_t WP, int nthreads, bool pm) {
+  if (pm && gattn_pm_fits<T>(g)) return grad_attn_pm_taps<T>(grad_out, value, gattn, g, nthreads);
+  pad_rows<T>(value, vp, g, WP, nthreads);
   const int64_t HW = g.HW(), HWP = g.H * WP, T2 = (int64_t)g.k * g.k;
   std::vector<RowTile> tiles;
   std::vector<IVec<T>> idx;
@@ -1428,8 +1447,9 @@ void grad_value_impl(const T* attn, const T* grad_out, const T* gpad, T* gvalue,
 extern "C" {
 
 // Geometry: BG = batch * groups, D channels per group, H x W map, odd k <= min(H, W); pm: attn
-// (and grad_attn) pixel-major, [BG][H][W][k*k], else tap-major, [BG][k*k][H][W].  grad_value's
-// gpad may be null where na2d_grad_value_gathers says it is not read.
+// (and grad_attn) pixel-major, [BG][H][W][k*k], else tap-major, [BG][k*k][H][W].  grad_attn's
+// vp: uninitialised scratch of BG * D * H * WP elements, WP = W + lanes (filled where needed);
+// grad_value's gpad may be null where na2d_grad_value_gathers says it is not read.
 #define NA2D_EXPORT(T, SUF)                                                                    \
   int na2d_lanes_##SUF() { return lanes<T>(); }                                               \
   void na2d_forward_##SUF(const T* attn, const T* value, T* out, int64_t BG, int64_t D,     \
@@ -1437,10 +1457,11 @@ extern "C" {
     Geo g{BG, D, H, W, k, k / 2};                                                            \
     forward_impl<T>(attn, value, out, g, nthreads, pm != 0);                                 \
   }                                                                                          \
-  void na2d_grad_attn_##SUF(const T* grad_out, const T* vp, T* gattn, int64_t BG, int64_t D, \
-                            int64_t H, int64_t W, int k, int64_t WP, int pm, int nthreads) { \
+  void na2d_grad_attn_##SUF(const T* grad_out, const T* value, T* vp, T* gattn, int64_t BG,  \
+                            int64_t D, int64_t H, int64_t W, int k, int64_t WP, int pm,      \
+                            int nthreads) {                                                  \
     Geo g{BG, D, H, W, k, k / 2};                                                            \
-    grad_attn_impl<T>(grad_out, vp, gattn, g, WP, nthreads, pm != 0);                        \
+    grad_attn_impl<T>(grad_out, value, vp, gattn, g, WP, nthreads, pm != 0);                 \
   }                                                                                          \
   void na2d_grad_value_##SUF(const T* attn, const T* grad_out, const T* gpad, T* gvalue,     \
                              int64_t BG, int64_t D, int64_t H, int64_t W, int k, int64_t WG, \
