@@ -25,7 +25,9 @@
 // for some lanes, but s(j0 + l) - s(j0) is still a fixed per-tile index vector, so the same load
 // followed by one permute serves all L pixels (no per-pixel path; maps narrower than a vector are
 // one partial tile).  Value is read from a copy whose rows are padded by one vector, so no load
-// leaves it.
+// leaves it.  With pixel-major attention, where k fits one vector and that uses the lanes well
+// enough (gattn_pm_fits: every k >= 9, narrow rows), it is vectorised over the k taps of a tap
+// row instead and written in place (GattnPm).
 //
 // grad_value is computed as a *gather* over the inverse neighbourhood (no scatter, no atomics):
 // the rows i whose window contains source row p form a contiguous range, and along W every
