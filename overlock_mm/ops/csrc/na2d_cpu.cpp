@@ -575,6 +575,16 @@ inline std::vector<std::pair<int64_t, int>> channel_chunks(int64_t D, int max = 
 // Tasks: blocks of kRowsPerTask rows of one group, walked in pairs.
 inline int64_t num_tasks(const Geo& g) { return g.BG * ((g.H + kRowsPerTask - 1) / kRowsPerTask); }
 
+// fn(bg, i_begin, i_end) for each such task (rows [i_begin, i_end) of group bg) on the pool.
+template <typename F>
+void parallel_row_blocks(const Geo& g, int nthreads, const F& fn) {
+  const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
+    const int64_t i_begin = (task % blocks) * kRowsPerTask;
+    fn(task / blocks, i_begin, std::min<int64_t>(g.H, i_begin + kRowsPerTask));
+  });
+}
+
 // Tile kernels K<T, DC>::run<MODE> (grad_attn): channel chunk and tile MODE are template
 // parameters, picked here at run time.
 template <typename T, template <typename, int> class K, typename... Args>
@@ -627,6 +637,12 @@ constexpr int kPrefetchOutputMinK = 9;
 // Kernel sizes with a compiled block kernel (the models use 5, 7 and 13).
 constexpr int kFixedK[] = {3, 5, 7, 9, 11, 13};
 
+inline bool compiled_k(int k) {
+  for (int kk : kFixedK)
+    if (kk == k) return true;
+  return false;
+}
+
 template <typename T, int POS, int P>
 void dispatch_block(int k, const T* pk, int64_t ts, const T* vb, int64_t WL, T* o, int64_t HW,
                     int nc, int n, bool spill, const T* pf, T* pfo) {
@@ -663,9 +679,7 @@ struct Block {
 };
 
 inline bool blocks_fit(const Geo& g, int P, bool direct) {
-  bool fixed = false;
-  for (int k : kFixedK) fixed = fixed || k == g.k;
-  return fixed && (direct || g.W >= kPix) && g.W >= P + g.r &&
+  return compiled_k(g.k) && (direct || g.W >= kPix) && g.W >= P + g.r &&
          (g.W <= 2 * P || (g.W >= P + 2 * g.r && P >= g.r));
 }
 
@@ -938,9 +952,7 @@ struct GattnPm {
 template <typename T>
 inline bool gattn_pm_fits(const Geo& g) {
   constexpr int L = lanes<T>();
-  bool fixed = false;
-  for (int k : kFixedK) fixed = fixed || k == g.k;
-  return fixed && g.k <= L && 2 * g.k + 3 <= kVecRegs &&  // GattnPm<T, k>::kFits
+  return compiled_k(g.k) && g.k <= L && 2 * g.k + 3 <= kVecRegs &&  // GattnPm<T, k>::kFits
          2 * g.k * ((g.W + L - 1) / L) > g.W;
 }
 
@@ -950,10 +962,7 @@ void grad_attn_pm_taps(const T* grad_out, const T* value, T* gattn, const Geo& g
   const int64_t HW = g.HW(), T2 = (int64_t)g.k * g.k;
   std::vector<int64_t> sj(g.W);
   for (int64_t j = 0; j < g.W; ++j) sj[j] = window_start(j, g.W, g.k);
-  const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
-    const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
-    const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
+  parallel_row_blocks(g, nthreads, [&](int64_t bg, int64_t i_begin, int64_t i_end) {
     const T* G = grad_out + bg * g.D * HW;
     const T* V = value + bg * g.D * HW;
     T* GA = gattn + bg * T2 * HW;
@@ -1009,10 +1018,7 @@ void grad_attn_impl(const T* grad_out, const T* value, T* vp, T* gattn, const Ge
   std::vector<IVec<T>> idx;
   const int n = plan_tiles<T>(g, tiles, idx);
   const auto chunks = channel_chunks(g.D);
-  const int64_t blocks = (g.H + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(num_tasks(g), nthreads, [&](int64_t task, int) {
-    const int64_t bg = task / blocks, i_begin = (task % blocks) * kRowsPerTask;
-    const int64_t i_end = std::min<int64_t>(g.H, i_begin + kRowsPerTask);
+  parallel_row_blocks(g, nthreads, [&](int64_t bg, int64_t i_begin, int64_t i_end) {
     const T* G = grad_out + bg * g.D * HW;
     const T* V = vp + bg * g.D * HWP;
     T* GA = gattn + bg * T2 * HW;
@@ -1192,9 +1198,7 @@ struct GvalueBlock {
 // columns (ties: kPix); on rows narrower than both, of the narrow widths (the forward's, 8 and
 // 4: 7x7 classification maps) likewise; 0 where k has no compiled kernel (then the gather runs).
 inline int gvalue_block_width(const Geo& g) {
-  bool fixed = false;
-  for (int k : kFixedK) fixed = fixed || k == g.k;
-  if (!fixed) return 0;
+  if (!compiled_k(g.k)) return 0;
   auto pick = [&](std::initializer_list<int> widths) {
     int best = 0;
     int64_t best_px = -1;
