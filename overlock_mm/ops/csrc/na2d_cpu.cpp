@@ -217,6 +217,16 @@ constexpr int kPixAlt = kPix >= 14 ? 14 : kPix;
 // maps took fwd_block_any, one value load per FMA.
 constexpr int kPixNarrow[] = {8, 4};
 
+// f receives block width P (one of the above) as a compile-time constant
+// (std::integral_constant); the forward's and grad_value's block kernels are templated on it.
+template <typename F>
+void with_block_width(int P, F&& f) {
+  if (P == kPix) f(std::integral_constant<int, kPix>{});
+  else if (P == kPixAlt) f(std::integral_constant<int, kPixAlt>{});
+  else if (P == kPixNarrow[0]) f(std::integral_constant<int, kPixNarrow[0]>{});
+  else f(std::integral_constant<int, kPixNarrow[1]>{});
+}
+
 // Window start of pixel p of a P-pixel block relative to that of pixel 0.  POS 0: interior
 // block (no clamping); 1: block at column 0 (windows clamped at 0); 2: block ending at column
 // W - 1.
@@ -670,9 +680,9 @@ void dispatch_block(int pos, int k, const T* pk, int64_t ts, const T* vb, int64_
 // at W - 1, interior blocks in between (the last shifted left to stay interior: overlaps
 // recompute the same values).  Valid when a border block's windows clamp on one side only
 // (W >= P + r) and the interior blocks fit between the clamped columns (W >= P + 2r, unless
-// there are none: W <= 2P) while the border blocks reach them (P >= r); W >= kPix for the packed copy's whole-vector loads unless the taps
-// are read in place (DIRECT, see forward_impl).  Otherwise, or for k without a compiled kernel:
-// generic blocks.
+// there are none: W <= 2P) while the border blocks reach them (P >= r); W >= kPix for the
+// packed copy's whole-vector loads unless the taps are read in place (DIRECT, see forward_impl).
+// Otherwise, or for k without a compiled kernel: generic blocks.
 struct Block {
   int64_t j0, x0;
   int pos, n;
@@ -842,16 +852,11 @@ void forward_impl(const T* attn, const T* value, T* out, const Geo& g, int nthre
           const T* vb = vrow + blk.x0 * L;
           const T* tp = direct ? A + (i * g.W + blk.j0) * ps : pk;
           if (blk.pos < 0) fwd_block_any<T>(pk, vrow, WL, sj, k, o, HW, nc, blk.n, spill);
-          else if (P == kPix)
-            dispatch_block<T, kPix>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
-          else if (P == kPixAlt)
-            dispatch_block<T, kPixAlt>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill, pf, pfo);
-          else if (P == kPixNarrow[0])
-            dispatch_block<T, kPixNarrow[0]>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill,
-                                             pf, pfo);
           else
-            dispatch_block<T, kPixNarrow[1]>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P, spill,
-                                             pf, pfo);
+            with_block_width(P, [&](auto w) {
+              dispatch_block<T, decltype(w)::value>(blk.pos, k, tp, ts, vb, WL, o, HW, nc, P,
+                                                    spill, pf, pfo);
+            });
         }
       }
     }
@@ -885,18 +890,24 @@ void store_pixel_major(const T* sc, T* GA, int64_t W, int64_t T2, int nrows) {
 // Pixel-major grad_attn, vectorised over the taps of one tap row:
 //   gattn[i][j][a * K + b] = sum_c grad_out[c][i][j] * value[c][s(i) + a][s(j) + b],  b < K
 // is one vector of K lanes (K <= lanes): the value columns s(j)..s(j) + K - 1 of a row, one
-// masked load (K lanes: it never leaves the row), times grad_out[c][i][j] broadcast.  Rows i and i + 1 go together: their tap rows read the source
-// rows s(i) .. s(i + 1) + K - 1 (S1 = s(i + 1) - s(i): 1, or 0 where the windows are clamped),
-// so each value load feeds both pixels' FMAs, and their 2K accumulators (26 at k = 13) stay in
-// registers over all channels.  Each pixel's taps are then stored where they belong, K at a
-// time (masked): no tap-major scratch, no transposes.
-// Registers: 2K accumulators, two broadcasts and the value vector.
+// masked load (K lanes: it never leaves the row), times grad_out[c][i][j] broadcast.  Rows i
+// and i + 1 go together: their tap rows read the source rows s(i) .. s(i + 1) + K - 1 (S1 =
+// s(i + 1) - s(i): 1, or 0 where the windows are clamped), so each value load feeds both
+// pixels' FMAs, and their 2K accumulators (26 at k = 13) stay in registers over all channels.
+// Each pixel's taps are then stored where they belong, K at a time: no tap-major scratch, no
+// transposes.
 constexpr int kVecRegs = kVecBytes == 64 ? 32 : 16;
+
+// Compiled for K where a tap row is one vector and the registers hold 2K accumulators, two
+// broadcasts and the value vector.
+template <typename T>
+constexpr bool gattn_pm_compiled(int k) {
+  return k <= lanes<T>() && 2 * k + 3 <= kVecRegs;
+}
 
 template <typename T, int K>
 struct GattnPm {
-  // compiled only where a tap row is one vector and the accumulators fit the registers
-  static constexpr bool kFits = K <= lanes<T>() && 2 * K + 3 <= kVecRegs;
+  static constexpr bool kFits = gattn_pm_compiled<T>(K);
 
   // G -> grad_out[0][i][j], VR -> value[0][s(i)][s(j)], GA -> gattn[i][j][0]; row i + 1's
   // pixel is W further in grad_out and W * K * K further in gattn.
@@ -932,12 +943,25 @@ struct GattnPm {
     }
   }
 
-  static void run(const T* G, const T* VR, T* GA, int64_t W, int64_t HW, int64_t D, int s1,
-                  int nrows) {
+  // Every pixel of the group rows [i_begin, i_end), walked in row pairs.  G / V / GA: the group's
+  // grad_out, value and gattn; SJ: window start of every column.
+  static void rows(const T* G, const T* V, T* GA, const Geo& g, const int64_t* sj,
+                   int64_t i_begin, int64_t i_end) {
     if constexpr (kFits) {
-      if (nrows == 1) pixel<0, 1>(G, VR, GA, W, HW, D);
-      else if (s1 == 0) pixel<0, 2>(G, VR, GA, W, HW, D);
-      else pixel<1, 2>(G, VR, GA, W, HW, D);
+      const int64_t HW = g.HW();
+      for (int64_t i = i_begin; i < i_end; i += 2) {
+        const int nrows = (int)std::min<int64_t>(2, i_end - i);
+        const int64_t s0 = window_start(i, g.H, K);
+        const bool s1 = nrows == 2 && window_start(i + 1, g.H, K) > s0;
+        for (int64_t j = 0; j < g.W; ++j) {
+          const T* gp = G + i * g.W + j;
+          const T* vr = V + s0 * g.W + sj[j];
+          T* ga = GA + (i * g.W + j) * K * K;
+          if (nrows == 1) pixel<0, 1>(gp, vr, ga, g.W, HW, g.D);
+          else if (!s1) pixel<0, 2>(gp, vr, ga, g.W, HW, g.D);
+          else pixel<1, 2>(gp, vr, ga, g.W, HW, g.D);
+        }
+      }
     }
   }
 };
@@ -952,8 +976,7 @@ struct GattnPm {
 template <typename T>
 inline bool gattn_pm_fits(const Geo& g) {
   constexpr int L = lanes<T>();
-  return compiled_k(g.k) && g.k <= L && 2 * g.k + 3 <= kVecRegs &&  // GattnPm<T, k>::kFits
-         2 * g.k * ((g.W + L - 1) / L) > g.W;
+  return compiled_k(g.k) && gattn_pm_compiled<T>(g.k) && 2 * g.k * ((g.W + L - 1) / L) > g.W;
 }
 
 template <typename T>
@@ -966,23 +989,13 @@ void grad_attn_pm_taps(const T* grad_out, const T* value, T* gattn, const Geo& g
     const T* G = grad_out + bg * g.D * HW;
     const T* V = value + bg * g.D * HW;
     T* GA = gattn + bg * T2 * HW;
-    for (int64_t i = i_begin; i < i_end; i += 2) {
-      const int nrows = (int)std::min<int64_t>(2, i_end - i);
-      const int64_t s0 = window_start(i, g.H, g.k);
-      const int s1 = nrows == 2 ? (int)(window_start(i + 1, g.H, g.k) - s0) : 0;
-      for (int64_t j = 0; j < g.W; ++j) {
-        const T* gp = G + i * g.W + j;
-        const T* vr = V + s0 * g.W + sj[j];
-        T* ga = GA + (i * g.W + j) * T2;
-        switch (g.k) {
+    switch (g.k) {
 #define NA2D_GA_CASE(KK) \
-  case KK: GattnPm<T, KK>::run(gp, vr, ga, g.W, HW, g.D, s1, nrows); break;
-          NA2D_GA_CASE(3) NA2D_GA_CASE(5) NA2D_GA_CASE(7) NA2D_GA_CASE(9) NA2D_GA_CASE(11)
-          NA2D_GA_CASE(13)
+  case KK: GattnPm<T, KK>::rows(G, V, GA, g, sj.data(), i_begin, i_end); break;
+      NA2D_GA_CASE(3) NA2D_GA_CASE(5) NA2D_GA_CASE(7) NA2D_GA_CASE(9) NA2D_GA_CASE(11)
+      NA2D_GA_CASE(13)
 #undef NA2D_GA_CASE
-          default: break;
-        }
-      }
+      default: break;
     }
   });
 }
@@ -1333,19 +1346,10 @@ void grad_value_blocks(const T* attn, const T* grad_out, T* gvalue, const Geo& g
         for (int64_t cv = 0; cv < NV; ++cv) {
           const T* gtr = gt + ((cv * g.H + i) * g.W + blk.q0 - r) * L;
           T* accp = gvt + ((cv * g.H + s) * g.W + blk.q0) * L;
-          const char* pfc = cv ? nullptr : pf;
-          if (P == kPix)
-            gvalue_block<T, kPix>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin, pfc,
-                                  pf_lines);
-          else if (P == kPixAlt)
-            gvalue_block<T, kPixAlt>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin, pfc,
-                                     pf_lines);
-          else if (P == kPixNarrow[0])
-            gvalue_block<T, kPixNarrow[0]>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
-                                           pfc, pf_lines);
-          else
-            gvalue_block<T, kPixNarrow[1]>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi, blk.pmin,
-                                           pfc, pf_lines);
+          with_block_width(P, [&](auto w) {
+            gvalue_block<T, decltype(w)::value>(k, pk, gtr, accp, WL, blk.xlo, blk.xhi,
+                                                blk.pmin, cv ? nullptr : pf, pf_lines);
+          });
         }
       }
       for (int64_t cv = 0; cv < NV; ++cv)
