@@ -22,3 +22,16 @@ def test_short_runs_build_their_schedulers(task, iters):
     for sched in cfg.param_scheduler:
         assert sched.get('begin', 0) < sched['end'] <= iters, sched
         PARAM_SCHEDULERS.build(dict(sched, optimizer=opt))
+
+
+def test_summary_names_metrics_the_evaluator_did_not_report():
+    """A detector that predicted no box gets no COCO AP at all (mmdet's CocoMetric returns an
+    empty dict): the summary must say so and why, not print an empty line."""
+    wanted = DEMO.TASKS['det']['metrics']
+    shown, missing = DEMO.metric_summary(wanted, {})
+    assert shown == {} and missing == list(wanted)
+    hint = DEMO.missing_metrics_hint('det', missing, 30)
+    assert 'coco/bbox_mAP' in hint and '30 iterations' in hint and 'no box' in hint
+
+    shown, missing = DEMO.metric_summary(wanted, {k: 0.123456 for k in wanted})
+    assert shown == {k: 0.1235 for k in wanted} and missing == []
