@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.grn import grn
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW tensor (eps 1e-6, as released)."""
@@ -22,7 +24,11 @@ class GRN(nn.Module):
     """Global Response Normalisation (ConvNeXt V2) on NCHW tensors.
 
     ``g = ||x||_2`` over (H, W) per channel, ``n = g / (mean_c(g) + 1e-6)``,
-    ``out = (gamma * n + 1) * x + beta``; ``gamma`` and ``beta`` start at zero.
+    ``out = (gamma * n + 1) * x + beta``; ``gamma`` and ``beta`` start at zero. Computed by
+    :func:`overlock_mm.ops.grn.grn` (a leaner backward than autograd's).
+
+    Args:
+        num_channels (int): channels ``C``.
     """
 
     def __init__(self, num_channels: int) -> None:
@@ -31,9 +37,7 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.norm(x, p=2, dim=(2, 3), keepdim=True)
-        n = g / (g.mean(dim=1, keepdim=True) + 1e-6)
-        return (self.gamma * n + 1) * x + self.beta
+        return grn(x, self.gamma, self.beta)
 
 
 class LayerScale(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
+from ..ops.grn import grn
 from .conv import DWConv2d
 from .reparam import DilatedReparamBlock
 
@@ -108,9 +109,7 @@ class GRNChannelsLast(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        x = (self.gamma * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)) + 1) * x
-        return x if self.beta is None else x + self.beta
+        return grn(x, self.gamma, self.beta, channel_dim=-1)
 
 
 class SEBlock(nn.Module):

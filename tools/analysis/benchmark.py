@@ -98,7 +98,7 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union  # noqa: E402
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -754,7 +754,7 @@ class ModelConfig:
     impl: str  # contmix_impl: 'auto' or 'reference'
     deploy: bool = False
     with_cp: Union[bool, Tuple[bool, ...]] = False
-    torch_dwconv: bool = False  # plain F.conv2d depthwise convs (ops/dwconv.py's paths off)
+    torch_dwconv: bool = False  # PyTorch's dw convs and GRN formula (torch_layers)
     memory_efficient: bool = True  # OverLoCK(memory_efficient=...): selective recomputation
     compile_mode: Optional[str] = None  # model.compile(mode=..., fullgraph=True); None: eager
     batch: int = 1
@@ -791,8 +791,9 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
     Our op's training row without selective recomputation (``memory_efficient=False``) is
     always added.
     ``torch_dwconv`` adds, per mode, the reference and our op run with plain ``F.conv2d``
-    depthwise convolutions (none of ops/dwconv.py's paths): the former is the authors' network as
-    it runs, the latter shows what those paths save our network. ``compile_modes`` add, per
+    depthwise convolutions (none of ops/dwconv.py's paths) and GRN as autograd's formula
+    (:func:`torch_layers`): the former is the authors' network as it runs, the latter shows
+    what those layers save our network. ``compile_modes`` add, per
     mode, our op's default row with the backbone compiled (``torch.compile`` mode names).
     """
     configs = []
@@ -823,10 +824,19 @@ def model_configs(variants: Sequence[str], tasks: Sequence[str], full: bool, cls
     return configs
 
 
+@contextlib.contextmanager
+def torch_layers() -> Iterator[None]:
+    """The ``--torch-dwconv`` rows' layers: PyTorch's depthwise convolutions (none of
+    ops/dwconv.py's paths) and GRN as autograd's formula (ops/grn.py) -- the authors' layers."""
+    from overlock_mm.ops.dwconv import torch_depthwise
+    from overlock_mm.ops.grn import unfused_grn
+    with torch_depthwise(), unfused_grn():
+        yield
+
+
 def model_step(cfg: ModelConfig, device: torch.device) -> Callable[[], object]:
     """A freshly built backbone's step (inference or training, see :class:`ModelConfig`)."""
     from overlock_mm import OverLoCK
-    from overlock_mm.ops.dwconv import torch_depthwise
     torch.manual_seed(0)
     model = OverLoCK(cfg.variant, layout=LAYOUT[cfg.task], contmix_impl=cfg.impl,
                      with_cp=cfg.with_cp, memory_efficient=cfg.memory_efficient).to(device)
@@ -838,7 +848,7 @@ def model_step(cfg: ModelConfig, device: torch.device) -> Callable[[], object]:
         model.compile(mode=None if cfg.compile_mode == 'default' else cfg.compile_mode,
                       fullgraph=True)
     x = torch.randn(cfg.batch, 3, *cfg.size, device=device)
-    dwconv = torch_depthwise if cfg.torch_dwconv else contextlib.nullcontext
+    dwconv = torch_layers if cfg.torch_dwconv else contextlib.nullcontext
     if cfg.mode == 'infer':
         model.eval()
 
@@ -1179,8 +1189,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--torch-dwconv', action='store_true',
                         help='also run the reference and our op with plain F.conv2d depthwise '
                              'convolutions, none of our depthwise-conv paths (the CPU kernels, '
-                             'the CUDA layout choice): the authors\' network as it runs, and '
-                             'what those paths save ours')
+                             'the CUDA layout choice), and GRN as autograd\'s formula (not '
+                             'ops/grn.py): the authors\' network as it runs, and what those '
+                             'layers save ours')
     parser.add_argument('--compile', nargs='+', metavar='MODE',
                         choices=['default', 'reduce-overhead', 'max-autotune',
                                  'max-autotune-no-cudagraphs'],

@@ -9,7 +9,8 @@
 #    through OVERLOCK_TRITON_TILES (TUNE=0 skips this and keeps the package's tiles);
 # 3. benchmark.py op level (every task, OverLoCK-T) and model level (OverLoCK-T detection, batch 1
 #    and, training only, the recipes' 2 images per GPU; both also with plain F.conv2d depthwise
-#    convs, --torch-dwconv: the authors' network as it runs, and ours without our dw paths);
+#    convs and GRN's autograd formula, --torch-dwconv: the authors' network as it runs, and ours
+#    without our dw paths and fused GRN);
 #    then the batch-1 training step with the backbone compiled, mode='reduce-overhead' (CUDA
 #    graphs: the answer to a step bound by the host's launch work; --compile);
 # 4. profile_step.py: where an OverLoCK-T detection training step spends its GPU time;
