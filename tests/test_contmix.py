@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from overlock_mm.layers.contmix import contmix_kernels, relative_position_bias
-from overlock_mm.ops import is_pixel_major, na2d_av
+from overlock_mm.ops import is_pixel_major, na2d_av, relative_position_index
 
 
 def _inputs(seed=0):
@@ -33,6 +33,25 @@ def test_relative_position_bias_layouts_agree():
     pixels_first = relative_position_bias(rpb, 6, 11, pixel_major=True)
     assert taps_first.shape == (3, 25, 6, 11) and pixels_first.shape == (3, 6, 11, 25)
     torch.testing.assert_close(pixels_first.permute(0, 3, 1, 2), taps_first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('h,w,k', [(6, 11, 5), (7, 7, 7), (9, 16, 3)])
+def test_relative_position_bias_brute_force(h, w, k):
+    """Each tap's bias read from the table by NATTEN's rule, pixel by pixel: the pixel-major
+    layout builds it from per-(window offset) rows, the tap-major one from per-position rows."""
+    rpb = torch.randn(2, 2 * k - 1, 2 * k - 1, dtype=torch.float64)
+    ri, rj = relative_position_index(h, k), relative_position_index(w, k)
+    expected = torch.empty(2, h, w, k, k, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            for a in range(k):
+                for b in range(k):
+                    expected[:, i, j, a, b] = rpb[:, ri[i, a], rj[j, b]]
+    expected = expected.view(2, h, w, k * k)
+    torch.testing.assert_close(relative_position_bias(rpb, h, w, pixel_major=True), expected,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(relative_position_bias(rpb, h, w), expected.permute(0, 3, 1, 2),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('impl', ['native', 'auto'])
