@@ -1,5 +1,5 @@
-"""overlock_mm.ops.depthwise_conv2d (faster CPU large-kernel path) equals F.conv2d: outputs and
-all three gradients, at the kernel sizes / dilations / paddings the backbones use."""
+"""overlock_mm.ops.depthwise_conv2d (faster CPU paths: large kernels, plain 3x3) equals F.conv2d:
+outputs and all three gradients, at the kernel sizes / dilations / paddings the backbones use."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from overlock_mm.ops.dwconv import contiguous_for_dwconv, depthwise_conv2d, torc
 
 CASES = [  # (N, C, H, W, k, dilation, padding)
     (1, 8, 12, 14, 5, 1, 2),
-    (1, 4, 12, 20, 3, 4, 4),       # dilated 3x3 (the plain 3x3 takes F.conv2d)
+    (1, 4, 12, 20, 3, 4, 4),       # dilated 3x3
     (2, 6, 9, 11, 5, 2, 4),        # dilated branch, 'same'
     (2, 5, 20, 17, 7, 3, 9),
     (3, 4, 16, 16, 13, 1, 6),
@@ -18,6 +18,11 @@ CASES = [  # (N, C, H, W, k, dilation, padding)
     (2, 4, 11, 13, 17, 1, 3),      # not 'same' padding
     (2, 4, 21, 22, 9, 2, 8),       # dilated large kernel: run as a dense 17x17
     (1, 3, 12, 12, 9, 2, 12),      # padding beyond the kernel's extent
+    (2, 5, 9, 11, 3, 1, 1),        # plain 3x3: our kernel (csrc/dwconv3x3_cpu.cpp) from here on
+    (1, 4, 17, 40, 3, 1, 1),       # rows longer than its 16-lane loops, a remainder
+    (1, 3, 1, 7, 3, 1, 1),         # one row
+    (2, 3, 6, 1, 3, 1, 1),         # one column
+    (1, 2, 2, 2, 3, 1, 1),
 ]
 
 
@@ -51,8 +56,15 @@ def test_dispatch():
     assert type(out.grad_fn).__name__ == '_DepthwiseConv2dCPUBackward'
     with torch.no_grad():
         assert depthwise_conv2d(x, w, None, 1, 2, 1).grad_fn is None
+    w3 = w[..., :3, :3]
+    assert type(depthwise_conv2d(x, w3, None, 1, 1, 1).grad_fn).__name__ == (
+        '_DepthwiseConv2dCPUBackward')
+    # 3x3 on a channels-last input (oneDNN is fast there), without padding, or 1x1: F.conv2d
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     for plain in (depthwise_conv2d(x.double(), w.double(), None, 1, 2, 1),
-                  depthwise_conv2d(x, w[..., :3, :3], None, 1, 1, 1)):
+                  depthwise_conv2d(x_cl, w3, None, 1, 1, 1),
+                  depthwise_conv2d(x, w3, None, 1, 0, 1),
+                  depthwise_conv2d(x, w[..., :1, :1], None, 1, 0, 1)):
         assert 'DepthwiseConv2dCPU' not in type(plain.grad_fn).__name__
 
 

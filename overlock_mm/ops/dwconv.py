@@ -2,7 +2,7 @@
 
 OverLoCK (like UniRepLKNet and MogaNet) is built on large depthwise kernels: 17x17 / 15x15 /
 13x13 plus dilated re-parameterisation branches. On CPUs, PyTorch's oneDNN depthwise convolution
-has three slow spots (measured side by side, per case, by ``tools/analysis/benchmark.py
+has four slow spots (measured side by side, per case, by ``tools/analysis/benchmark.py
 --dwconv``; figures in docs/performance.md):
 
 1. *The weight gradient* is 10-30x slower than the forward. Here it is computed as a
@@ -18,7 +18,14 @@ has three slow spots (measured side by side, per case, by ``tools/analysis/bench
 3. *The input gradient of dilated kernels* (oneDNN's backward-data) is slow as well; it is
    computed as a forward convolution with the flipped kernel, through the same layout choice.
 
-Plain 3x3 kernels keep PyTorch's own backward (faster there). Everything else -- autocast, other
+4. *Plain 3x3 kernels* (padding 1) on NCHW-contiguous maps: oneDNN's NCHW depthwise 3x3 is far
+   from memory speed (at OverLoCK-T's stage-1 MLP map ``[1, 256, 200, 336]``: forward 77 ms,
+   weight gradient 59 ms). Our kernel (``csrc/dwconv3x3_cpu.cpp``, built with the ContMix one)
+   runs them, 28.8 and 7.5 ms (the forward's 69 MB output alone costs ~20 ms of page faults);
+   the input gradient is its forward with the flipped kernel. On a channels-last input oneDNN
+   is fast and keeps them.
+
+Everything else -- autocast, other
 dtypes, strides, grouped-but-not-depthwise convolutions -- is plain ``F.conv2d``. Outputs and
 gradients equal ``F.conv2d``'s up to float32 summation order (tests/test_ops_dwconv.py).
 
@@ -68,6 +75,9 @@ def contiguous_for_dwconv(x: torch.Tensor) -> torch.Tensor:
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
     """The convolution itself, in the layout oneDNN runs fastest for this kernel."""
+    if _own_3x3(x, weight.shape, padding, dilation):
+        from .na2d_cpu import dw3x3_forward
+        return dw3x3_forward(x, weight, bias)
     kh, kw = weight.shape[-2:]
     (dh, dw) = dilation
     extent = max(dh * (kh - 1) + 1, dw * (kw - 1) + 1)
@@ -101,6 +111,9 @@ def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def _grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Size,
                  padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    if _own_3x3(x, weight_shape, padding, dilation) and grad_out.is_contiguous():
+        from .na2d_cpu import dw3x3_grad_weight
+        return dw3x3_grad_weight(x, grad_out).view(weight_shape)
     c = x.shape[1]
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight_shape[-2:]
@@ -141,23 +154,37 @@ def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _own_3x3(x: torch.Tensor, weight_shape, padding, dilation) -> bool:
+    """Our kernel (csrc/dwconv3x3_cpu.cpp) runs this convolution: 3x3, padding 1, no dilation,
+    an NCHW-contiguous input (oneDNN is fast on a channels-last one), the kernel library built,
+    and no tracer or compiler looking (they see aten operations only)."""
+    if (tuple(weight_shape[-2:]) != (3, 3) or _pair(padding) != (1, 1)
+            or _pair(dilation) != (1, 1) or not x.is_contiguous()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return False
+    from .na2d_cpu import is_available
+    return is_available()
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      stride=1, padding=0, dilation=1) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for
     ``weight [C, 1, kh, kw]``.
 
     Takes the faster CPU path (module docstring) for float32 CPU tensors at stride 1 outside
-    autocast, except plain 3x3 kernels; on CUDA ``F.conv2d`` on a contiguous input
+    autocast (plain 3x3 kernels: padding 1 and an NCHW-contiguous input); on CUDA ``F.conv2d``
+    on a contiguous input
     (:func:`contiguous_for_dwconv`); every other case is ``F.conv2d``.
     """
     c = weight.shape[0]
     x = contiguous_for_dwconv(x)
-    plain_3x3 = max(weight.shape[-2:]) <= 3 and _pair(dilation) == (1, 1)
-    if (_fast_paths and not plain_3x3 and x.dim() == 4 and x.shape[1] == c and weight.shape[1] == 1
+    small = max(weight.shape[-2:]) <= 3 and _pair(dilation) == (1, 1)
+    if (_fast_paths and x.dim() == 4 and x.shape[1] == c and weight.shape[1] == 1
             and x.device.type == 'cpu' and x.dtype == torch.float32
             and weight.dtype == torch.float32
             and _pair(stride) == (1, 1) and not isinstance(padding, str)
-            and not torch.is_autocast_enabled('cpu')):
+            and not torch.is_autocast_enabled('cpu')
+            and (not small or _own_3x3(x, weight.shape, padding, dilation))):
         padding, dilation = _pair(padding), _pair(dilation)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))

@@ -1,5 +1,6 @@
 """The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel
-(``csrc/na2d_cpu.cpp``).
+(``csrc/na2d_cpu.cpp``). The same library holds the depthwise 3x3 convolution that
+:mod:`overlock_mm.ops.dwconv` uses on CPU (``csrc/dwconv3x3_cpu.cpp``, :func:`dw3x3_forward`).
 
 The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-core Xeon, then
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
@@ -43,8 +44,10 @@ from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_l
                            is_pixel_major, lean_av_function)
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
+# the same library's depthwise 3x3 convolution (used by ops/dwconv.py)
+DW3X3_SOURCE = SOURCE.parent / 'dwconv3x3_cpu.cpp'
 # every file the build reads: its bytes are part of the cache key
-SOURCES = (SOURCE, SOURCE.parent / 'thread_pool.h')
+SOURCES = (SOURCE, DW3X3_SOURCE, SOURCE.parent / 'thread_pool.h')
 # Tried in order.  Loops and functions aligned to 64 bytes: otherwise where the hot loops land
 # depends on the code before them, and an unrelated change (the forward's masked loads) left
 # grad_value 1.35x slower at k = 7 (A/B on the 2-core VM; aligned, the two run equally fast).
@@ -67,6 +70,11 @@ _SIGS = {
     'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
 }
 _SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
+# csrc/dwconv3x3_cpu.cpp: (x, w, b, out | x, grad_out, grad_w), N, C, H, W, threads
+_DW3X3_SIGS = {
+    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
+    'grad_weight': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
+}
 
 
 def cache_dir() -> Path:
@@ -101,7 +109,7 @@ def _compile(cxx: str, flags, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + '.', suffix='.tmp.so', dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, *_COMMON, str(SOURCE), '-o', tmp]
+        cmd = [cxx, *flags, *_COMMON, str(SOURCE), str(DW3X3_SOURCE), '-o', tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
@@ -137,6 +145,9 @@ def build(verbose: bool = False) -> ctypes.CDLL:
                 getattr(lib, f'na2d_lanes_{suffix}').restype = ctypes.c_int
             lib.na2d_grad_value_gathers.argtypes = [_i64, _int, _int]
             lib.na2d_grad_value_gathers.restype = ctypes.c_int
+            for name, sig in _DW3X3_SIGS.items():
+                fn = getattr(lib, f'dw3x3_{name}_f32')
+                fn.argtypes, fn.restype = sig, None
             return lib
         except Exception as e:  # noqa: BLE001 - try the next, more portable flag set
             errors.append(f'{" ".join(flags)}: {e}')
@@ -286,3 +297,30 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
         function, attn = _CpuNeighborhoodAV, _as_operand(attn, work)
     out = apply_lean(function, attn, _as_operand(value, work), kernel_size)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+# ------------------------------------------------------- depthwise 3x3 (csrc/dwconv3x3_cpu.cpp)
+def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Depthwise 3x3 convolution, stride 1, padding 1, of an NCHW-contiguous float32 ``x``
+    (``weight`` ``[C, 1, 3, 3]``)."""
+    lib = _lib()
+    n, c, h, w = x.shape
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.dw3x3_forward_f32(x.data_ptr(), weight.data_ptr(),
+                          bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                          n, c, h, w, torch.get_num_threads())
+    return out
+
+
+def dw3x3_grad_weight(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``[C, 1, 3, 3]`` weight gradient of :func:`dw3x3_forward` (both inputs NCHW-contiguous
+    float32)."""
+    lib = _lib()
+    n, c, h, w = x.shape
+    gw = x.new_empty((c, 1, 3, 3))
+    lib.dw3x3_grad_weight_f32(x.data_ptr(), grad_out.data_ptr(), gw.data_ptr(), n, c, h, w,
+                              torch.get_num_threads())
+    return gw
