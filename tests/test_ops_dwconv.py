@@ -9,7 +9,7 @@ from overlock_mm.ops.dwconv import contiguous_for_dwconv, depthwise_conv2d, torc
 
 CASES = [  # (N, C, H, W, k, dilation, padding)
     (1, 8, 12, 14, 5, 1, 2),
-    (1, 4, 12, 20, 3, 4, 4),       # dilated 3x3
+    (1, 4, 12, 20, 3, 4, 4),       # dilated 3x3 (our 3x3 kernel, see below)
     (2, 6, 9, 11, 5, 2, 4),        # dilated branch, 'same'
     (2, 5, 20, 17, 7, 3, 9),
     (3, 4, 16, 16, 13, 1, 6),
@@ -23,6 +23,10 @@ CASES = [  # (N, C, H, W, k, dilation, padding)
     (1, 3, 1, 7, 3, 1, 1),         # one row
     (2, 3, 6, 1, 3, 1, 1),         # one column
     (1, 2, 2, 2, 3, 1, 1),
+    (1, 3, 18, 37, 3, 2, 2),       # dilated 3x3, "same" padding: our kernel too
+    (2, 3, 9, 7, 3, 3, 3),         # fewer than 2d + 1 columns: no interior column
+    (1, 2, 5, 6, 3, 5, 5),         # dilation >= the map: only the centre tap
+    (1, 4, 12, 20, 3, 2, 1),       # dilated 3x3, other padding: F.conv2d inside our path
 ]
 
 

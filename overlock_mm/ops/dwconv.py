@@ -77,7 +77,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """The convolution itself, in the layout oneDNN runs fastest for this kernel."""
     if _own_3x3(x, weight.shape, padding, dilation):
         from .na2d_cpu import dw3x3_forward
-        return dw3x3_forward(x, weight, bias)
+        return dw3x3_forward(x, weight, bias, _pair(dilation)[0])
     kh, kw = weight.shape[-2:]
     (dh, dw) = dilation
     extent = max(dh * (kh - 1) + 1, dw * (kw - 1) + 1)
@@ -113,7 +113,7 @@ def _grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Si
                  padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
     if _own_3x3(x, weight_shape, padding, dilation) and grad_out.is_contiguous():
         from .na2d_cpu import dw3x3_grad_weight
-        return dw3x3_grad_weight(x, grad_out).view(weight_shape)
+        return dw3x3_grad_weight(x, grad_out, _pair(dilation)[0]).view(weight_shape)
     c = x.shape[1]
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight_shape[-2:]
@@ -155,11 +155,13 @@ def _pair(v) -> Tuple[int, int]:
 
 
 def _own_3x3(x: torch.Tensor, weight_shape, padding, dilation) -> bool:
-    """Our kernel (csrc/dwconv3x3_cpu.cpp) runs this convolution: 3x3, padding 1, no dilation,
-    an NCHW-contiguous input (oneDNN is fast on a channels-last one), the kernel library built,
-    and no tracer or compiler looking (they see aten operations only)."""
-    if (tuple(weight_shape[-2:]) != (3, 3) or _pair(padding) != (1, 1)
-            or _pair(dilation) != (1, 1) or not x.is_contiguous()
+    """Our kernel (csrc/dwconv3x3_cpu.cpp) runs this convolution: 3x3, dilation d in both
+    directions with padding d ("same"), an NCHW-contiguous input (oneDNN is fast on a
+    channels-last one), the kernel library built, and no tracer or compiler looking (they see
+    aten operations only)."""
+    d = _pair(dilation)
+    if (tuple(weight_shape[-2:]) != (3, 3) or d[0] != d[1] or _pair(padding) != d
+            or not x.is_contiguous()
             or torch.jit.is_tracing() or torch.compiler.is_compiling()):
         return False
     from .na2d_cpu import is_available

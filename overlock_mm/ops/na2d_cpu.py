@@ -1,6 +1,7 @@
 """The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel
-(``csrc/na2d_cpu.cpp``). The same library holds the depthwise 3x3 convolution that
-:mod:`overlock_mm.ops.dwconv` uses on CPU (``csrc/dwconv3x3_cpu.cpp``, :func:`dw3x3_forward`).
+(``csrc/na2d_cpu.cpp``). The same library holds the depthwise 3x3 convolution (any dilation)
+that :mod:`overlock_mm.ops.dwconv` uses on CPU (``csrc/dwconv3x3_cpu.cpp``,
+:func:`dw3x3_forward`).
 
 The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-core Xeon, then
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
@@ -70,10 +71,10 @@ _SIGS = {
     'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
 }
 _SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
-# csrc/dwconv3x3_cpu.cpp: (x, w, b, out | x, grad_out, grad_w), N, C, H, W, threads
+# csrc/dwconv3x3_cpu.cpp: (x, w, b, out | x, grad_out, grad_w), N, C, H, W, dilation, threads
 _DW3X3_SIGS = {
-    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
-    'grad_weight': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
+    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
+    'grad_weight': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
 }
 
 
@@ -300,10 +301,10 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
 
 
 # ------------------------------------------------------- depthwise 3x3 (csrc/dwconv3x3_cpu.cpp)
-def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Depthwise 3x3 convolution, stride 1, padding 1, of an NCHW-contiguous float32 ``x``
-    (``weight`` ``[C, 1, 3, 3]``)."""
+def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  dilation: int = 1) -> torch.Tensor:
+    """Depthwise 3x3 convolution, stride 1, dilation = padding = ``dilation``, of an
+    NCHW-contiguous float32 ``x`` (``weight`` ``[C, 1, 3, 3]``)."""
     lib = _lib()
     n, c, h, w = x.shape
     weight = weight.contiguous()
@@ -311,16 +312,16 @@ def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor,
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     lib.dw3x3_forward_f32(x.data_ptr(), weight.data_ptr(),
                           bias.data_ptr() if bias is not None else None, out.data_ptr(),
-                          n, c, h, w, torch.get_num_threads())
+                          n, c, h, w, dilation, torch.get_num_threads())
     return out
 
 
-def dw3x3_grad_weight(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def dw3x3_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, dilation: int = 1) -> torch.Tensor:
     """``[C, 1, 3, 3]`` weight gradient of :func:`dw3x3_forward` (both inputs NCHW-contiguous
     float32)."""
     lib = _lib()
     n, c, h, w = x.shape
     gw = x.new_empty((c, 1, 3, 3))
     lib.dw3x3_grad_weight_f32(x.data_ptr(), grad_out.data_ptr(), gw.data_ptr(), n, c, h, w,
-                              torch.get_num_threads())
+                              dilation, torch.get_num_threads())
     return gw
