@@ -18,15 +18,15 @@ has four slow spots (measured side by side, per case, by ``tools/analysis/benchm
 3. *The input gradient of dilated kernels* (oneDNN's backward-data) is slow as well; it is
    computed as a forward convolution with the flipped kernel, through the same layout choice.
 
-4. *Plain 3x3 kernels* (padding 1) on NCHW-contiguous maps: oneDNN's NCHW depthwise 3x3 is far
-   from memory speed (at OverLoCK-T's stage-1 MLP map ``[1, 256, 200, 336]``: forward 77 ms,
-   weight gradient 59 ms). Our kernel (``csrc/dwconv3x3_cpu.cpp``, built with the ContMix one)
-   runs them, 28.8 and 7.5 ms (the forward's 69 MB output alone costs ~20 ms of page faults);
-   the input gradient is its forward with the flipped kernel. On a channels-last input oneDNN
-   is fast and keeps them.
+4. *3x3 kernels* ("same" padding, dilated ones included: the re-parameterisation branches) on
+   NCHW-contiguous maps: oneDNN's NCHW depthwise 3x3 is far from memory speed (at OverLoCK-T's
+   stage-1 MLP map ``[1, 256, 200, 336]``: forward 77 ms, weight gradient 59 ms). Our kernel
+   (``csrc/dwconv3x3_cpu.cpp``, built with the ContMix one) runs them, 28.8 and 7.5 ms (the
+   forward's 69 MB output alone costs ~20 ms of page faults); the input gradient is its forward
+   with the flipped kernel. On a channels-last input oneDNN is fast and keeps them.
 
-Everything else -- autocast, other
-dtypes, strides, grouped-but-not-depthwise convolutions -- is plain ``F.conv2d``. Outputs and
+Everything else -- autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is
+plain ``F.conv2d``. Outputs and
 gradients equal ``F.conv2d``'s up to float32 summation order (tests/test_ops_dwconv.py).
 
 On CUDA the convolution is ``F.conv2d``'s choice: PyTorch's own depthwise kernels for an
@@ -174,9 +174,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     ``weight [C, 1, kh, kw]``.
 
     Takes the faster CPU path (module docstring) for float32 CPU tensors at stride 1 outside
-    autocast (plain 3x3 kernels: padding 1 and an NCHW-contiguous input); on CUDA ``F.conv2d``
-    on a contiguous input
-    (:func:`contiguous_for_dwconv`); every other case is ``F.conv2d``.
+    autocast (undilated 3x3 kernels only with padding 1 and an NCHW-contiguous input); on CUDA
+    ``F.conv2d`` on a contiguous input (:func:`contiguous_for_dwconv`); every other case is
+    ``F.conv2d``.
     """
     c = weight.shape[0]
     x = contiguous_for_dwconv(x)
@@ -192,7 +192,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         if needs_grad and not torch.jit.is_tracing():
             return _DepthwiseConv2dCPU.apply(x, weight, bias, padding, dilation)
-        # inference (and tracing, e.g. FLOP counting): only the forward's layout choice matters,
-        # and it stays a plain aten convolution
+        # inference: the forward alone (our 3x3 kernel, or oneDNN in its fastest layout); under
+        # a tracer (e.g. FLOP counting) every path of _forward is a plain aten convolution
         return _forward(x, weight, bias, padding, dilation)
     return F.conv2d(x, weight, bias, stride, padding, dilation, c)
