@@ -168,8 +168,9 @@ def load() -> Optional[ctypes.CDLL]:
                     _state['lib'] = build()
                 except Exception as e:  # noqa: BLE001
                     _state['error'] = str(e)
-                    warnings.warn(f"overlock_mm: the 'cpu' na2d kernel is unavailable, using "
-                                  f"'native' instead ({e})")
+                    warnings.warn(f"overlock_mm: the C++ CPU kernels are unavailable: ContMix "
+                                  f"uses 'native' instead and depthwise 3x3 convolutions "
+                                  f"PyTorch's ({e})")
             _state['tried'] = True
     return _state['lib']
 
