@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock_mm.layers.conv import DWConv2d
+from overlock_mm.ops import na2d_cpu
 from overlock_mm.ops.dwconv import contiguous_for_dwconv, depthwise_conv2d, torch_depthwise
 
 CASES = [  # (N, C, H, W, k, dilation, padding)
@@ -61,8 +62,9 @@ def test_dispatch():
     with torch.no_grad():
         assert depthwise_conv2d(x, w, None, 1, 2, 1).grad_fn is None
     w3 = w[..., :3, :3]
-    assert type(depthwise_conv2d(x, w3, None, 1, 1, 1).grad_fn).__name__ == (
-        '_DepthwiseConv2dCPUBackward')
+    # a 3x3 takes it where the C++ library (csrc/dwconv3x3_cpu.cpp) is built, else F.conv2d
+    own = type(depthwise_conv2d(x, w3, None, 1, 1, 1).grad_fn).__name__
+    assert (own == '_DepthwiseConv2dCPUBackward') == na2d_cpu.is_available()
     # 3x3 on a channels-last input (oneDNN is fast there), without padding, or 1x1: F.conv2d
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     for plain in (depthwise_conv2d(x.double(), w.double(), None, 1, 2, 1),
