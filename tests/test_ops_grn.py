@@ -74,3 +74,23 @@ def test_module_uses_it_and_rejects_wrong_rank():
     torch.testing.assert_close(m(x), ref)
     with pytest.raises(ValueError, match='4-D'):
         m(torch.randn(8, 7, 9))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_input_under_autocast(dtype):
+    """A half-precision map (autocast) with float32 parameters: the same dtypes as the formula's
+    (float32 output, the input's dtype for its gradient) and the same values to that precision."""
+    torch.manual_seed(2)
+    x0 = torch.randn(2, 8, 5, 7).to(dtype)
+    gamma, beta = _params(x0.shape, 1, torch.float32)
+    results = []
+    for ctx in (unfused_grn, torch.enable_grad):
+        x = x0.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16), ctx():
+            out = grn(x, gamma, beta)
+        out.float().sum().backward()
+        results.append((out, x.grad))
+    (ref, ref_grad), (out, grad) = results
+    assert out.dtype == ref.dtype and grad.dtype == ref_grad.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=2e-2, rtol=2e-2)
