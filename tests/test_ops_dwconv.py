@@ -33,18 +33,24 @@ CASES = [  # (N, C, H, W, k, dilation, padding)
 
 @pytest.mark.parametrize('n,c,h,w,k,d,p', CASES)
 @pytest.mark.parametrize('bias', [True, False])
-def test_matches_conv2d(n, c, h, w, k, d, p, bias):
+@pytest.mark.parametrize('residual', [False, True])
+def test_matches_conv2d(n, c, h, w, k, d, p, bias, residual):
+    if residual and p != d * (k // 2):
+        pytest.skip('x + conv(x) needs the output to have the input\'s size')
     g = torch.Generator().manual_seed(n * 100 + k)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
     wt = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
     b = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
     ref_in = [t.clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ())]
     ref = F.conv2d(ref_in[0], ref_in[1], ref_in[2] if bias else None, 1, p, d, c)
+    if residual:  # ResDWConv
+        ref = ref_in[0] + ref
     gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, ref_in, gy)
 
     ours_in = [t.float().clone().requires_grad_() for t in (x, wt) + ((b,) if bias else ())]
-    out = depthwise_conv2d(ours_in[0], ours_in[1], ours_in[2] if bias else None, 1, p, d)
+    out = depthwise_conv2d(ours_in[0], ours_in[1], ours_in[2] if bias else None, 1, p, d,
+                           residual=residual)
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     grads = torch.autograd.grad(out, ours_in, gy.float())

@@ -73,11 +73,19 @@ def contiguous_for_dwconv(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
-    """The convolution itself, in the layout oneDNN runs fastest for this kernel."""
+             padding: Tuple[int, int], dilation: Tuple[int, int],
+             residual: bool = False) -> torch.Tensor:
+    """The convolution itself (plus ``x`` if ``residual``): our 3x3 kernel, or oneDNN in the
+    layout it runs fastest for this kernel."""
     if _own_3x3(x, weight.shape, padding, dilation):
         from .na2d_cpu import dw3x3_forward
-        return dw3x3_forward(x, weight, bias, _pair(dilation)[0])
+        return dw3x3_forward(x, weight, bias, _pair(dilation)[0], residual)
+    out = _onednn_forward(x, weight, bias, padding, dilation)
+    return x + out if residual else out
+
+
+def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
     kh, kw = weight.shape[-2:]
     (dh, dw) = dilation
     extent = max(dh * (kh - 1) + 1, dw * (kw - 1) + 1)
@@ -94,8 +102,11 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
-    """The transposed convolution = a forward convolution with the flipped kernel (stride 1).
+                padding: Tuple[int, int], dilation: Tuple[int, int],
+                residual: bool = False) -> torch.Tensor:
+    """The transposed convolution = a forward convolution with the flipped kernel (stride 1);
+    plus ``grad_out`` itself for ``residual`` (``x + conv(x)``), in the same pass where our 3x3
+    kernel runs.
 
     Run through :func:`_forward` because oneDNN's own backward-data is slow for dilated kernels
     (7x7 dilation 2 at [1, 64, 128, 208]: 126 ms vs 4 ms as a forward).
@@ -103,10 +114,11 @@ def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     kh, kw = weight.shape[-2:]
     full = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
     if min(full) < 0:  # padding beyond the kernel's extent: not a plain convolution any more
-        return torch.ops.aten.convolution_backward(
+        grad = torch.ops.aten.convolution_backward(
             grad_out, x, weight, None, [1, 1], list(padding), list(dilation), False, [0, 0],
             x.shape[1], [True, False, False])[0]
-    return _forward(grad_out, weight.flip(-1, -2), None, full, dilation)
+        return grad_out + grad if residual else grad
+    return _forward(grad_out, weight.flip(-1, -2), None, full, dilation, residual)
 
 
 def _grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Size,
@@ -131,10 +143,11 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
     """Forward: oneDNN (channels-last for large kernels); backward: see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding, dilation):
+    def forward(ctx, x, weight, bias, padding, dilation, residual):
         ctx.save_for_backward(x, weight)
         ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, bias is not None
-        return _forward(x, weight, bias, padding, dilation)
+        ctx.residual = residual
+        return _forward(x, weight, bias, padding, dilation, residual)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -142,12 +155,12 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _grad_input(grad_out, x, weight, ctx.padding, ctx.dilation)
+            grad_x = _grad_input(grad_out, x, weight, ctx.padding, ctx.dilation, ctx.residual)
         if ctx.needs_input_grad[1]:
             grad_w = _grad_weight(x, grad_out, weight.shape, ctx.padding, ctx.dilation)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -169,9 +182,10 @@ def _own_3x3(x: torch.Tensor, weight_shape, padding, dilation) -> bool:
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     stride=1, padding=0, dilation=1) -> torch.Tensor:
+                     stride=1, padding=0, dilation=1, residual: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for
-    ``weight [C, 1, kh, kw]``.
+    ``weight [C, 1, kh, kw]``; ``x + `` that if ``residual`` (ResDWConv: one pass over the map,
+    forward and backward, where our 3x3 kernel runs).
 
     Takes the faster CPU path (module docstring) for float32 CPU tensors at stride 1 outside
     autocast (undilated 3x3 kernels only with padding 1 and an NCHW-contiguous input); on CUDA
@@ -191,8 +205,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         if needs_grad and not torch.jit.is_tracing():
-            return _DepthwiseConv2dCPU.apply(x, weight, bias, padding, dilation)
+            return _DepthwiseConv2dCPU.apply(x, weight, bias, padding, dilation, residual)
         # inference: the forward alone (our 3x3 kernel, or oneDNN in its fastest layout); under
         # a tracer (e.g. FLOP counting) every path of _forward is a plain aten convolution
-        return _forward(x, weight, bias, padding, dilation)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, c)
+        return _forward(x, weight, bias, padding, dilation, residual)
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, c)
+    return x + out if residual else out

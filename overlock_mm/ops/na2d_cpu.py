@@ -71,9 +71,10 @@ _SIGS = {
     'grad_value': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _i64, _int, _int],
 }
 _SUFFIX = {torch.float32: 'f32', torch.float64: 'f64'}
-# csrc/dwconv3x3_cpu.cpp: (x, w, b, out | x, grad_out, grad_w), N, C, H, W, dilation, threads
+# csrc/dwconv3x3_cpu.cpp: (x, w, b, out | x, grad_out, grad_w), N, C, H, W, dilation,
+# [residual,] threads
 _DW3X3_SIGS = {
-    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
+    'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int],
     'grad_weight': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
 }
 
@@ -303,9 +304,10 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
 
 # ------------------------------------------------------- depthwise 3x3 (csrc/dwconv3x3_cpu.cpp)
 def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  dilation: int = 1) -> torch.Tensor:
+                  dilation: int = 1, residual: bool = False) -> torch.Tensor:
     """Depthwise 3x3 convolution, stride 1, dilation = padding = ``dilation``, of an
-    NCHW-contiguous float32 ``x`` (``weight`` ``[C, 1, 3, 3]``)."""
+    NCHW-contiguous float32 ``x`` (``weight`` ``[C, 1, 3, 3]``); plus ``x`` itself if
+    ``residual``."""
     lib = _lib()
     n, c, h, w = x.shape
     weight = weight.contiguous()
@@ -313,7 +315,7 @@ def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     lib.dw3x3_forward_f32(x.data_ptr(), weight.data_ptr(),
                           bias.data_ptr() if bias is not None else None, out.data_ptr(),
-                          n, c, h, w, dilation, torch.get_num_threads())
+                          n, c, h, w, dilation, int(residual), torch.get_num_threads())
     return out
 
 

@@ -9,6 +9,8 @@
 // written so that GCC vectorises along W (the 16-lane inner loops below).
 //
 //   forward:     out[i][j] = b + sum_{a,b} w[a][b] * x[i + (a-1) d][j + (b-1) d]  (zero outside)
+//   residual:    out += x (ResDWConv's x + conv(x)); its input gradient is grad_out + that of
+//                the convolution, i.e. again this forward with `residual`
 //   grad_input:  the forward of grad_out with the kernel flipped (the caller flips it)
 //   grad_weight: gw[a][b] = sum_{n,i,j} go[i][j] * x[i + (a-1) d][j + (b-1) d]; one task per
 //                channel sums its N planes, so no two tasks write the same weights.
@@ -24,13 +26,19 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// One output row: out[j] = bias + sum over the three taps of each of up to three input rows
-// (rows[a] null where row i + (a - 1) * d is outside the map).  Tap b reads column
-// j + (b - 1) * d: columns [d, W - d) have all three, the others are summed with bounds checks.
+// One output row: out[j] = bias (+ the input row itself if `residual`) + sum over the three taps
+// of each of up to three input rows (rows[a] null where row i + (a - 1) * d is outside the
+// map).  Tap b reads column j + (b - 1) * d: columns [d, W - d) have all three, the others are
+// summed with bounds checks.
 inline void row3x3(const float* const rows[3], const float* w, float bias, float* out,
-                   int64_t W, int64_t d) {
+                   int64_t W, int64_t d, bool residual) {
   const int64_t lo = std::min(d, W), hi = std::max(W - d, lo);
-  for (int64_t j = 0; j < W; ++j) out[j] = bias;
+  if (residual) {
+    const float* __restrict x = rows[1];
+    for (int64_t j = 0; j < W; ++j) out[j] = bias + x[j];
+  } else {
+    for (int64_t j = 0; j < W; ++j) out[j] = bias;
+  }
   for (int a = 0; a < 3; ++a) {
     const float* __restrict r = rows[a];
     if (!r) continue;
@@ -49,11 +57,11 @@ inline void row3x3(const float* const rows[3], const float* w, float bias, float
 }
 
 void forward_plane(const float* x, const float* w, float bias, float* out, int64_t H,
-                   int64_t W, int64_t d) {
+                   int64_t W, int64_t d, bool residual) {
   for (int64_t i = 0; i < H; ++i) {
     const float* rows[3] = {i - d >= 0 ? x + (i - d) * W : nullptr, x + i * W,
                             i + d < H ? x + (i + d) * W : nullptr};
-    row3x3(rows, w, bias, out + i * W, W, d);
+    row3x3(rows, w, bias, out + i * W, W, d, residual);
   }
 }
 
@@ -80,13 +88,14 @@ inline void row_dots(const float* g, const float* r, int64_t W, int64_t d,
 
 extern "C" {
 
-// x, out [N][C][H][W]; w [C][3][3]; b [C] or null; dilation = padding = d.
+// x, out [N][C][H][W]; w [C][3][3]; b [C] or null; dilation = padding = d; residual: out also
+// gets x itself (x + conv(x), ResDWConv), without a separate pass over the map.
 void dw3x3_forward_f32(const float* x, const float* w, const float* b, float* out, int64_t N,
-                       int64_t C, int64_t H, int64_t W, int64_t d, int nthreads) {
+                       int64_t C, int64_t H, int64_t W, int64_t d, int residual, int nthreads) {
   const int64_t HW = H * W;
   na2d::parallel_for(N * C, nthreads, [&](int64_t p, int) {
     const int64_t c = p % C;
-    forward_plane(x + p * HW, w + 9 * c, b ? b[c] : 0.f, out + p * HW, H, W, d);
+    forward_plane(x + p * HW, w + 9 * c, b ? b[c] : 0.f, out + p * HW, H, W, d, residual != 0);
   });
 }
 
