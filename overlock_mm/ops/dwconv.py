@@ -23,7 +23,8 @@ has four slow spots (measured side by side, per case, by ``tools/analysis/benchm
    stage-1 MLP map ``[1, 256, 200, 336]``: forward 77 ms, weight gradient 59 ms). Our kernel
    (``csrc/dwconv3x3_cpu.cpp``, built with the ContMix one) runs them, 28.8 and 7.5 ms (the
    forward's 69 MB output alone costs ~20 ms of page faults); the input gradient is its forward
-   with the flipped kernel. On a channels-last input oneDNN is fast and keeps them.
+   with the flipped kernel, and ``ResDWConv``'s residual (``x + conv(x)``) is added in the same
+   pass, both ways. On a channels-last input oneDNN is fast and keeps them.
 
 Everything else -- autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is
 plain ``F.conv2d``. Outputs and
