@@ -17,8 +17,12 @@ class DWConv2d(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, padding=padding, dilation=dilation,
                          groups=channels, bias=bias)
 
+    #: ``x + conv(x)`` instead of ``conv(x)`` (:class:`ResDWConv`)
+    residual = False
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias):
-        return depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
+        return depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+                                residual=self.residual)
 
 
 class ResDWConv(DWConv2d):
@@ -28,13 +32,11 @@ class ResDWConv(DWConv2d):
     as in the released checkpoints.
     """
 
+    # x + conv(x) in one pass where the CPU 3x3 kernel runs (ops/dwconv.py)
+    residual = True
+
     def __init__(self, channels: int, kernel_size: int = 3) -> None:
         super().__init__(channels, kernel_size, padding=kernel_size // 2, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x + conv(x) in one pass where the CPU 3x3 kernel runs (ops/dwconv.py)
-        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding,
-                                self.dilation, residual=True)
 
 
 class SEModule(nn.Module):

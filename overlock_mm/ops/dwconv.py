@@ -27,8 +27,8 @@ has four slow spots (measured side by side, per case, by ``tools/analysis/benchm
    pass, both ways. On a channels-last input oneDNN is fast and keeps them.
 
 Everything else -- autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is
-plain ``F.conv2d``. Outputs and
-gradients equal ``F.conv2d``'s up to float32 summation order (tests/test_ops_dwconv.py).
+plain ``F.conv2d``. Outputs and gradients equal ``F.conv2d``'s up to float32 summation order
+(tests/test_ops_dwconv.py).
 
 On CUDA the convolution is ``F.conv2d``'s choice: PyTorch's own depthwise kernels for an
 NCHW-contiguous input, cuDNN's grouped direct kernels for a channels-last-strided one -- several

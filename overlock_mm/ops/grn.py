@@ -64,13 +64,18 @@ def _scale(x: torch.Tensor, gamma: torch.Tensor, spatial: Tuple[int, int], chann
     return g, m, torch.addcmul(torch.ones_like(g), gamma, g / m)
 
 
+def _affine(x: torch.Tensor, s: torch.Tensor, beta: Optional[torch.Tensor]) -> torch.Tensor:
+    """``s * x + beta`` in one pass."""
+    return s * x if beta is None else torch.addcmul(beta, x, s)
+
+
 class _GRN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, channel_dim, eps):
         spatial, _ = _axes(x, channel_dim)
         g, m, s = _scale(x, gamma, spatial, channel_dim, eps)
-        out = s * x if beta is None else torch.addcmul(beta, x, s)
+        out = _affine(x, s, beta)
         ctx.save_for_backward(x, gamma, g, m, s)
         ctx.channel_dim, ctx.has_beta = channel_dim, beta is not None
         return out
@@ -118,5 +123,4 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: Optional[torch.Tensor] = Non
     params = (gamma,) if beta is None else (gamma, beta)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _GRN.apply(x, gamma, beta, channel_dim, eps)
-    _, _, s = _scale(x, gamma, spatial, channel_dim, eps)
-    return s * x if beta is None else torch.addcmul(beta, x, s)
+    return _affine(x, _scale(x, gamma, spatial, channel_dim, eps)[2], beta)
