@@ -1,5 +1,7 @@
 """overlock_mm.ops.depthwise_conv2d (faster CPU paths: large kernels, plain 3x3) equals F.conv2d:
 outputs and all three gradients, at the kernel sizes / dilations / paddings the backbones use."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,11 +91,56 @@ def test_module_keeps_conv2d_state_dict():
     torch.testing.assert_close(ours(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
-def test_contiguous_for_dwconv_leaves_cpu_tensors_alone():
-    # on CPU the layout is the CPU path's choice per kernel: no copy here
+def test_contiguous_for_dwconv_on_cpu():
+    # on CPU the layout is the CPU path's choice per kernel: no copy here, except for an input
+    # shared by several small kernels (not under torch_depthwise(), the plain-PyTorch rows)
     x = torch.randn(1, 4, 6, 6).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     assert not x.is_contiguous()
     assert contiguous_for_dwconv(x) is x
+    shared = contiguous_for_dwconv(x, small_kernels=True)
+    assert shared.is_contiguous() and torch.equal(shared, x)
+    with torch_depthwise():
+        assert contiguous_for_dwconv(x, small_kernels=True) is x
+
+
+@pytest.mark.parametrize('deploy', [False, True])
+def test_reparam_block_on_a_channels_last_input(deploy):
+    """DilatedReparamBlock on what LayerNorm2d hands it (channels-last strides): its branches
+    run on one NCHW copy, the deploy form's single kernel on the input as given; outputs and
+    gradients are F.conv2d's in float64."""
+    from overlock_mm.layers import DilatedReparamBlock
+    torch.manual_seed(0)
+    block = DilatedReparamBlock(6, 13, deploy=deploy).eval()
+    for bn in block.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+    ref_block = copy.deepcopy(block).double()
+    x = torch.randn(2, 6, 23, 29, dtype=torch.float64)
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+             for m in block.modules() if isinstance(m, DWConv2d)]
+    ours_x = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert not ours_x.is_contiguous()
+    out = block(ours_x)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == (1 if deploy else 1 + len(block.branches))
+    assert all(t.is_contiguous() != deploy for t in inputs)
+    ref_x = x.clone().requires_grad_()
+    with torch_depthwise():
+        ref = ref_block(ref_x)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    params = [p for _, p in block.named_parameters()]
+    ref_params = [p for _, p in ref_block.named_parameters()]
+    grads = torch.autograd.grad(out, [ours_x] + params, gy.float())
+    ref_grads = torch.autograd.grad(ref, [ref_x] + ref_params, gy)
+    names = ['input'] + [n for n, _ in block.named_parameters()]
+    for name, got, want in zip(names, grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=1e-4, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

@@ -107,7 +107,8 @@ class DilatedReparamBlock(nn.Module):
         return sorted(DILATED_BRANCHES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = contiguous_for_dwconv(x)  # once for every branch (CUDA, see ops/dwconv.py)
+        # once for every branch, on CPU too where there are branches (see ops/dwconv.py)
+        x = contiguous_for_dwconv(x, small_kernels=not self.deploy)
         if self.deploy:
             return self.lk_origin(x)
         out = self.origin_bn(self.lk_origin(x))
