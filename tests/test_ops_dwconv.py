@@ -103,14 +103,14 @@ def test_contiguous_for_dwconv_on_cpu():
         assert contiguous_for_dwconv(x, small_kernels=True) is x
 
 
-@pytest.mark.parametrize('deploy', [False, True])
-def test_reparam_block_on_a_channels_last_input(deploy):
-    """DilatedReparamBlock on what LayerNorm2d hands it (channels-last strides): its branches
-    run on one NCHW copy, the deploy form's single kernel on the input as given; outputs and
-    gradients are F.conv2d's in float64."""
+@pytest.mark.parametrize('deploy,training', [(False, True), (False, False), (True, False)])
+def test_reparam_block_on_a_channels_last_input(deploy, training):
+    """DilatedReparamBlock on what LayerNorm2d hands it (channels-last strides): in training its
+    branches run on one NCHW copy; in eval mode, and in the deploy form (one kernel), the convs
+    take the input as given. Outputs and gradients are F.conv2d's in float64."""
     from overlock_mm.layers import DilatedReparamBlock
     torch.manual_seed(0)
-    block = DilatedReparamBlock(6, 13, deploy=deploy).eval()
+    block = DilatedReparamBlock(6, 13, deploy=deploy).train(training)
     for bn in block.modules():
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.running_mean.uniform_(-1, 1)
@@ -128,7 +128,7 @@ def test_reparam_block_on_a_channels_last_input(deploy):
     for h in hooks:
         h.remove()
     assert len(inputs) == (1 if deploy else 1 + len(block.branches))
-    assert all(t.is_contiguous() != deploy for t in inputs)
+    assert all(t.is_contiguous() == training for t in inputs)
     ref_x = x.clone().requires_grad_()
     with torch_depthwise():
         ref = ref_block(ref_x)

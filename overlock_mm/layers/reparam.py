@@ -107,8 +107,9 @@ class DilatedReparamBlock(nn.Module):
         return sorted(DILATED_BRANCHES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # once for every branch, on CPU too where there are branches (see ops/dwconv.py)
-        x = contiguous_for_dwconv(x, small_kernels=not self.deploy)
+        # once for every branch; on CPU too in training, where the branches' backward gains
+        # more than the copy costs (see ops/dwconv.py)
+        x = contiguous_for_dwconv(x, small_kernels=self.training and not self.deploy)
         if self.deploy:
             return self.lk_origin(x)
         # Summed in place into the first BatchNorm's output, which no backward reads (BatchNorm

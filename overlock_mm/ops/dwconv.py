@@ -28,9 +28,10 @@ has four slow spots (measured side by side, per case, by ``tools/analysis/benchm
 5. *An input shared by several small kernels*: ``DilatedReparamBlock`` gets a channels-last
    strided map from ``LayerNorm2d`` and runs five to seven kernels on it. There oneDNN's weight
    gradients went through a padded copy each and its dilation-7 3x3 was slow (11 ms against our
-   kernel's 2.4 ms at ``[1, 64, 200, 336]``). One NCHW copy for all the branches
-   (:func:`contiguous_for_dwconv` with ``small_kernels``; not in the deploy form, one large
-   kernel) made the OverLoCK-T detection training step 1.17x and inference 1.06x faster
+   kernel's 2.4 ms at ``[1, 64, 200, 336]``). In training, one NCHW copy for all the branches
+   (:func:`contiguous_for_dwconv` with ``small_kernels``) made the OverLoCK-T training step
+   1.06-1.17x faster (detection, segmentation, classification). In eval mode it is not made:
+   forward only, it measured 1.08x at the detection size but 0.94-0.97x at the others
    (docs/performance.md).
 
 Everything else -- autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is
