@@ -2,8 +2,8 @@
 
 OverLoCK (like UniRepLKNet and MogaNet) is built on large depthwise kernels: 17x17 / 15x15 /
 13x13 plus dilated re-parameterisation branches. On CPUs, PyTorch's oneDNN depthwise convolution
-has four slow spots (measured side by side, per case, by ``tools/analysis/benchmark.py
---dwconv``; figures in docs/performance.md):
+has four slow spots, and the blocks hand it a layout that matters (5.) (measured side by side,
+per case, by ``tools/analysis/benchmark.py --dwconv``; figures in docs/performance.md):
 
 1. *The weight gradient* is 10-30x slower than the forward. Here it is computed as a
    convolution in its own right: ``grad_w[c, a, b] = sum_{n,i,j} x_pad[n, c, i + a*d, j + b*d] *
