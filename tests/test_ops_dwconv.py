@@ -60,6 +60,47 @@ def test_matches_conv2d(n, c, h, w, k, d, p, bias, residual):
         torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.skipif(not na2d_cpu.is_available(), reason='the C++ kernel library is not built')
+@pytest.mark.parametrize('n,c,h,w,kernel,padding,dilation', [
+    (2, 3, 11, 13, (5, 5), (2, 2), (1, 1)),
+    (1, 4, 9, 21, (3, 7), (1, 3), (1, 1)),      # non-square, other padding per axis
+    (2, 2, 17, 19, (7, 7), (6, 6), (2, 2)),
+    (1, 3, 8, 8, (17, 17), (8, 8), (1, 1)),     # kernel larger than the map; three column blocks
+    (3, 2, 13, 35, (9, 9), (8, 8), (2, 2)),
+    (1, 2, 10, 12, (3, 3), (0, 1), (1, 1)),     # not "same"
+    (1, 2, 16, 40, (5, 3), (1, 0), (3, 2)),     # dilation differs per axis
+    (2, 5, 6, 50, (13, 13), (6, 6), (1, 1)),    # more channels than threads, rows > one vector
+])
+def test_grad_weight_kernel(n, c, h, w, kernel, padding, dilation):
+    """csrc/dwconv_grad_weight_cpu.cpp against float64 autograd through F.conv2d."""
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    weight = torch.zeros(c, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(x, weight, None, 1, padding, dilation, c)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want, = torch.autograd.grad(out, weight, grad_out)
+    got = na2d_cpu.dw_grad_weight(x.float(), grad_out.float(), kernel, padding, dilation)
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('n,c,h,w,k,d,p', [CASES[0], CASES[3], CASES[6], CASES[9], CASES[10]])
+def test_without_the_kernel_library(monkeypatch, n, c, h, w, k, d, p):
+    """Where the C++ library is not built, the weight gradient is oneDNN convolutions (and 3x3
+    kernels plain ``F.conv2d``): the same results."""
+    monkeypatch.setattr(na2d_cpu, 'is_available', lambda: False)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(x, weight, None, 1, p, d, c)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (x, weight), gy)
+    xf, wf = (t.detach().float().requires_grad_() for t in (x, weight))
+    out = depthwise_conv2d(xf, wf, None, 1, p, d)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    for got, exp in zip(torch.autograd.grad(out, (xf, wf), gy.float()), want):
+        torch.testing.assert_close(got.double(), exp, atol=2e-4, rtol=1e-4)
+
+
 def test_dispatch():
     # float32 CPU training takes the custom path (checked against float64 F.conv2d above);
     # inference stays a plain aten convolution (no autograd node), float64 is plain F.conv2d

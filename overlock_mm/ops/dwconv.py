@@ -5,12 +5,14 @@ OverLoCK (like UniRepLKNet and MogaNet) is built on large depthwise kernels: 17x
 has four slow spots, and the blocks hand it a layout that matters (5.) (measured side by side,
 per case, by ``tools/analysis/benchmark.py --dwconv``; figures in docs/performance.md):
 
-1. *The weight gradient* is 10-30x slower than the forward. Here it is computed as a
-   convolution in its own right: ``grad_w[c, a, b] = sum_{n,i,j} x_pad[n, c, i + a*d, j + b*d] *
-   grad_out[n, c, i, j]`` is, per sample, a depthwise convolution of the padded input with
-   ``grad_out[n]`` as an ``H x W`` kernel (stride ``d`` = the dilation) whose output is the
-   ``k x k`` weight gradient -- a shape oneDNN runs fast. Samples are summed in a loop (one
-   grouped call over all samples was slower).
+1. *The weight gradient* is 10-30x slower than the forward. ``grad_w[c, a, b] = sum_{n,i,j}
+   x_pad[n, c, i + a*d, j + b*d] * grad_out[n, c, i, j]`` is, per sample, a depthwise
+   convolution of the padded input with ``grad_out[n]`` as an ``H x W`` kernel (stride ``d`` =
+   the dilation) whose output is the ``k x k`` weight gradient. oneDNN runs that shape fast at
+   stride 16 (~130 GFLOP/s) but not at stride 4 (7-33 GFLOP/s at OverLoCK-T's ``[1, 64, 200,
+   336]``, K = 17 / 7 / 5), so our kernel (``csrc/dwconv_grad_weight_cpu.cpp``) computes it:
+   2.3-6.3x faster there, about equal at stride 16. Without the kernel library it is those
+   oneDNN convolutions, samples summed in a loop (one grouped call was slower).
 2. *The NCHW forward with a kernel extent >= 15* leaves oneDNN's fast path (k=13: 15 ms,
    k=15: 201 ms at ``[1, 64, 128, 208]``; channels-last: 19 ms, but slower than NCHW for small
    kernels). Those kernels run in channels-last and the result is returned in NCHW; a 9x9
@@ -137,6 +139,16 @@ def _grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Si
     if _own_3x3(x, weight_shape, padding, dilation) and grad_out.is_contiguous():
         from .na2d_cpu import dw3x3_grad_weight
         return dw3x3_grad_weight(x, grad_out, _pair(dilation)[0]).view(weight_shape)
+    if _own_kernels():
+        from .na2d_cpu import dw_grad_weight
+        return dw_grad_weight(x, grad_out, tuple(weight_shape[-2:]), padding, dilation)
+    return _onednn_grad_weight(x, grad_out, weight_shape, padding, dilation)
+
+
+def _onednn_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: torch.Size,
+                        padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """The weight gradient as oneDNN convolutions (point 1 of the module docstring), where the
+    kernel library is not built."""
     c = x.shape[1]
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight_shape[-2:]
@@ -181,12 +193,18 @@ def _pair(v) -> Tuple[int, int]:
 def _own_3x3(x: torch.Tensor, weight_shape, padding, dilation) -> bool:
     """Our kernel (csrc/dwconv3x3_cpu.cpp) runs this convolution: 3x3, dilation d in both
     directions with padding d ("same"), an NCHW-contiguous input (oneDNN is fast on a
-    channels-last one), the kernel library built, and no tracer or compiler looking (they see
-    aten operations only)."""
+    channels-last one), and :func:`_own_kernels`."""
     d = _pair(dilation)
     if (tuple(weight_shape[-2:]) != (3, 3) or d[0] != d[1] or _pair(padding) != d
-            or not x.is_contiguous()
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            or not x.is_contiguous()):
+        return False
+    return _own_kernels()
+
+
+def _own_kernels() -> bool:
+    """Our kernels can run: the kernel library built, and no tracer or compiler looking (they
+    see aten operations only)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     from .na2d_cpu import is_available
     return is_available()

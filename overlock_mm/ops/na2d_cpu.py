@@ -1,7 +1,8 @@
 """The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel
-(``csrc/na2d_cpu.cpp``). The same library holds the depthwise 3x3 convolution (any dilation)
-that :mod:`overlock_mm.ops.dwconv` uses on CPU (``csrc/dwconv3x3_cpu.cpp``,
-:func:`dw3x3_forward`).
+(``csrc/na2d_cpu.cpp``). The same library holds the depthwise-convolution kernels that
+:mod:`overlock_mm.ops.dwconv` uses on CPU: the 3x3 convolution, any dilation
+(``csrc/dwconv3x3_cpu.cpp``, :func:`dw3x3_forward`), and the weight gradient of any other
+kernel size (``csrc/dwconv_grad_weight_cpu.cpp``, :func:`dw_grad_weight`).
 
 The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-core Xeon, then
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
@@ -45,10 +46,11 @@ from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_l
                            is_pixel_major, lean_av_function)
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
-# the same library's depthwise 3x3 convolution (used by ops/dwconv.py)
-DW3X3_SOURCE = SOURCE.parent / 'dwconv3x3_cpu.cpp'
+# the same library's depthwise convolution kernels (used by ops/dwconv.py): the 3x3 one and the
+# weight gradient of any other kernel
+DW_SOURCES = (SOURCE.parent / 'dwconv3x3_cpu.cpp', SOURCE.parent / 'dwconv_grad_weight_cpu.cpp')
 # every file the build reads: its bytes are part of the cache key
-SOURCES = (SOURCE, DW3X3_SOURCE, SOURCE.parent / 'thread_pool.h')
+SOURCES = (SOURCE, *DW_SOURCES, SOURCE.parent / 'thread_pool.h')
 # Tried in order.  Loops and functions aligned to 64 bytes: otherwise where the hot loops land
 # depends on the code before them, and an unrelated change (the forward's masked loads) left
 # grad_value 1.35x slower at k = 7 (A/B on the 2-core VM; aligned, the two run equally fast).
@@ -77,6 +79,9 @@ _DW3X3_SIGS = {
     'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int],
     'grad_weight': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
 }
+# csrc/dwconv_grad_weight_cpu.cpp: x, grad_out, grad_w, N, C, H, W, Ho, Wo, kh, kw, ph, pw,
+# dh, dw, threads
+_DW_GRAD_WEIGHT_SIG = [_ptr, _ptr, _ptr] + [_i64] * 12 + [_int]
 
 
 def cache_dir() -> Path:
@@ -111,7 +116,7 @@ def _compile(cxx: str, flags, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + '.', suffix='.tmp.so', dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, *_COMMON, str(SOURCE), str(DW3X3_SOURCE), '-o', tmp]
+        cmd = [cxx, *flags, *_COMMON, str(SOURCE), *map(str, DW_SOURCES), '-o', tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
@@ -150,6 +155,8 @@ def build(verbose: bool = False) -> ctypes.CDLL:
             for name, sig in _DW3X3_SIGS.items():
                 fn = getattr(lib, f'dw3x3_{name}_f32')
                 fn.argtypes, fn.restype = sig, None
+            lib.dw_grad_weight_f32.argtypes = _DW_GRAD_WEIGHT_SIG
+            lib.dw_grad_weight_f32.restype = None
             return lib
         except Exception as e:  # noqa: BLE001 - try the next, more portable flag set
             errors.append(f'{" ".join(flags)}: {e}')
@@ -302,7 +309,7 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
     return out if out.dtype == dtype else out.to(dtype)
 
 
-# ------------------------------------------------------- depthwise 3x3 (csrc/dwconv3x3_cpu.cpp)
+# ------------------------------------ depthwise convolutions (csrc/dwconv*_cpu.cpp, ops/dwconv.py)
 def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   dilation: int = 1, residual: bool = False) -> torch.Tensor:
     """Depthwise 3x3 convolution, stride 1, dilation = padding = ``dilation``, of an
@@ -327,4 +334,20 @@ def dw3x3_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, dilation: int = 1
     gw = x.new_empty((c, 1, 3, 3))
     lib.dw3x3_grad_weight_f32(x.data_ptr(), grad_out.data_ptr(), gw.data_ptr(), n, c, h, w,
                               dilation, torch.get_num_threads())
+    return gw
+
+
+def dw_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[int, int],
+                   padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """``[C, 1, kh, kw]`` weight gradient of a stride-1 depthwise convolution of ``x`` (float32;
+    made NCHW-contiguous here) whose output gradient is ``grad_out``
+    (csrc/dwconv_grad_weight_cpu.cpp)."""
+    lib = _lib()
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    n, c, h, w = x.shape
+    (kh, kw), (ph, pw), (dh, dw) = kernel_size, padding, dilation
+    gw = x.new_empty((c, 1, kh, kw))
+    lib.dw_grad_weight_f32(x.data_ptr(), grad_out.data_ptr(), gw.data_ptr(), n, c, h, w,
+                           grad_out.shape[2], grad_out.shape[3], kh, kw, ph, pw, dh, dw,
+                           torch.get_num_threads())
     return gw
