@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from overlock_mm.layers.conv import DWConv2d
-from overlock_mm.ops import na2d_cpu
+from overlock_mm.ops import dwconv, na2d_cpu
 from overlock_mm.ops.dwconv import contiguous_for_dwconv, depthwise_conv2d, torch_depthwise
 
 CASES = [  # (N, C, H, W, k, dilation, padding)
@@ -36,9 +36,14 @@ CASES = [  # (N, C, H, W, k, dilation, padding)
 @pytest.mark.parametrize('n,c,h,w,k,d,p', CASES)
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('residual', [False, True])
-def test_matches_conv2d(n, c, h, w, k, d, p, bias, residual):
+@pytest.mark.parametrize('small_maps', ['oneDNN', 'own'])
+def test_matches_conv2d(monkeypatch, n, c, h, w, k, d, p, bias, residual, small_maps):
     if residual and p != d * (k // 2):
         pytest.skip('x + conv(x) needs the output to have the input\'s size')
+    if small_maps == 'own':  # these maps are small: take csrc/dwconv_kxk_cpu.cpp's forward too
+        if k == 3 or not na2d_cpu.is_available():
+            pytest.skip('3x3 kernels have their own kernel; or the library is not built')
+        monkeypatch.setattr(dwconv, 'OWN_FORWARD_MIN_PIXELS', 0)
     g = torch.Generator().manual_seed(n * 100 + k)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
     wt = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
@@ -70,13 +75,18 @@ def test_matches_conv2d(n, c, h, w, k, d, p, bias, residual):
     (1, 2, 10, 12, (3, 3), (0, 1), (1, 1)),     # not "same"
     (1, 2, 16, 40, (5, 3), (1, 0), (3, 2)),     # dilation differs per axis
     (2, 5, 6, 50, (13, 13), (6, 6), (1, 1)),    # more channels than threads, rows > one vector
+    (1, 3, 5, 150, (5, 5), (2, 2), (1, 1)),     # rows of two full forward tiles and a rest
 ])
-def test_grad_weight_kernel(n, c, h, w, kernel, padding, dilation):
-    """csrc/dwconv_grad_weight_cpu.cpp against float64 autograd through F.conv2d."""
+def test_kxk_kernels(n, c, h, w, kernel, padding, dilation):
+    """csrc/dwconv_kxk_cpu.cpp's forward and weight gradient against float64 F.conv2d."""
     g = torch.Generator().manual_seed(h * w)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
-    weight = torch.zeros(c, 1, *kernel, dtype=torch.float64, requires_grad=True)
-    out = F.conv2d(x, weight, None, 1, padding, dilation, c)
+    weight = torch.randn(c, 1, *kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, generator=g, dtype=torch.float64)
+    out = F.conv2d(x, weight, bias, 1, padding, dilation, c)
+    got = na2d_cpu.dw_forward(x.float(), weight.detach().float(), bias.float(), padding, dilation)
+    assert got.shape == out.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), out, atol=1e-4, rtol=1e-4)
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     want, = torch.autograd.grad(out, weight, grad_out)
     got = na2d_cpu.dw_grad_weight(x.float(), grad_out.float(), kernel, padding, dilation)

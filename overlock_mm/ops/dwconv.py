@@ -2,15 +2,15 @@
 
 OverLoCK (like UniRepLKNet and MogaNet) is built on large depthwise kernels: 17x17 / 15x15 /
 13x13 plus dilated re-parameterisation branches. On CPUs, PyTorch's oneDNN depthwise convolution
-has four slow spots, and the blocks hand it a layout that matters (5.) (measured side by side,
-per case, by ``tools/analysis/benchmark.py --dwconv``; figures in docs/performance.md):
+has five slow spots (1-4, 6), and the blocks hand it a layout that matters (5.) (measured side
+by side, per case, by ``tools/analysis/benchmark.py --dwconv``; figures in docs/performance.md):
 
 1. *The weight gradient* is 10-30x slower than the forward. ``grad_w[c, a, b] = sum_{n,i,j}
    x_pad[n, c, i + a*d, j + b*d] * grad_out[n, c, i, j]`` is, per sample, a depthwise
    convolution of the padded input with ``grad_out[n]`` as an ``H x W`` kernel (stride ``d`` =
    the dilation) whose output is the ``k x k`` weight gradient. oneDNN runs that shape fast at
    stride 16 (~130 GFLOP/s) but not at stride 4 (7-33 GFLOP/s at OverLoCK-T's ``[1, 64, 200,
-   336]``, K = 17 / 7 / 5), so our kernel (``csrc/dwconv_grad_weight_cpu.cpp``) computes it:
+   336]``, K = 17 / 7 / 5), so our kernel (``csrc/dwconv_kxk_cpu.cpp``) computes it:
    2.3-6.3x faster there, about equal at stride 16. Without the kernel library it is those
    oneDNN convolutions, samples summed in a loop (one grouped call was slower).
 2. *The NCHW forward with a kernel extent >= 15* leaves oneDNN's fast path (k=13: 15 ms,
@@ -35,6 +35,13 @@ per case, by ``tools/analysis/benchmark.py --dwconv``; figures in docs/performan
    1.06-1.17x faster (detection, segmentation, classification). In eval mode it is not made:
    forward only, it measured 1.08x at the detection size but 0.94-0.97x at the others
    (docs/performance.md).
+6. *Large maps*: at stride 4 of detection and segmentation inputs oneDNN's forward of the other
+   kernels runs at 20-60 GFLOP/s in either layout (point 2's channels-last route also costs two
+   layout copies, and a 9x9 dilation-2 kernel 3.6x the taps as a dense 17x17). From
+   :data:`OWN_FORWARD_MIN_PIXELS` pixels per map on, our kernel (``csrc/dwconv_kxk_cpu.cpp``)
+   runs the forward, dilation included, and so the input gradient (point 3): all of OverLoCK-T's
+   depthwise convolutions at 1344x800, forward+backward, 1.28x faster than with oneDNN's
+   forward; on smaller maps oneDNN's NCHW kernel is faster and keeps them.
 
 Everything else -- autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is
 plain ``F.conv2d``. Outputs and gradients equal ``F.conv2d``'s up to float32 summation order
@@ -59,6 +66,11 @@ __all__ = ['contiguous_for_dwconv', 'depthwise_conv2d', 'torch_depthwise']
 #: oneDNN's NCHW depthwise forward leaves its fast path once the kernel's extent reaches 15
 #: (measured: k=13 15 ms, k=15 201 ms at [1, 64, 128, 208]); channels-last stays fast there.
 CHANNELS_LAST_MIN_EXTENT = 15
+#: From this many pixels per map on, other kernels than 3x3 run forward in our kernel
+#: (csrc/dwconv_kxk_cpu.cpp): 1.2-3.6x oneDNN's at [1, 64, 200, 336] (K = 5-17) and 1.2-1.3x at
+#: 128x128 / 100x168 (K = 15-17), but 0.7-0.9x at 50x84 and 0.3x at 14x14, where oneDNN's NCHW
+#: kernel is fast (point 6 of the module docstring).
+OWN_FORWARD_MIN_PIXELS = 128 * 128
 _fast_paths = True
 
 
@@ -93,6 +105,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if _own_3x3(x, weight.shape, padding, dilation):
         from .na2d_cpu import dw3x3_forward
         return dw3x3_forward(x, weight, bias, _pair(dilation)[0], residual)
+    if x.shape[-2] * x.shape[-1] >= OWN_FORWARD_MIN_PIXELS and _own_kernels():
+        from .na2d_cpu import dw_forward
+        out = dw_forward(x, weight, bias, padding, dilation)
+        return x + out if residual else out
     out = _onednn_forward(x, weight, bias, padding, dilation)
     return x + out if residual else out
 

@@ -1,8 +1,8 @@
 """The ``'cpu'`` implementation of :func:`overlock_mm.ops.na2d_av`: a C++ kernel
 (``csrc/na2d_cpu.cpp``). The same library holds the depthwise-convolution kernels that
 :mod:`overlock_mm.ops.dwconv` uses on CPU: the 3x3 convolution, any dilation
-(``csrc/dwconv3x3_cpu.cpp``, :func:`dw3x3_forward`), and the weight gradient of any other
-kernel size (``csrc/dwconv_grad_weight_cpu.cpp``, :func:`dw_grad_weight`).
+(``csrc/dwconv3x3_cpu.cpp``, :func:`dw3x3_forward`), and any other kernel size's forward and
+weight gradient (``csrc/dwconv_kxk_cpu.cpp``, :func:`dw_forward`, :func:`dw_grad_weight`).
 
 The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-core Xeon, then
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
@@ -46,9 +46,8 @@ from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_l
                            is_pixel_major, lean_av_function)
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
-# the same library's depthwise convolution kernels (used by ops/dwconv.py): the 3x3 one and the
-# weight gradient of any other kernel
-DW_SOURCES = (SOURCE.parent / 'dwconv3x3_cpu.cpp', SOURCE.parent / 'dwconv_grad_weight_cpu.cpp')
+# the same library's depthwise convolution kernels (used by ops/dwconv.py): 3x3, and any K x K
+DW_SOURCES = (SOURCE.parent / 'dwconv3x3_cpu.cpp', SOURCE.parent / 'dwconv_kxk_cpu.cpp')
 # every file the build reads: its bytes are part of the cache key
 SOURCES = (SOURCE, *DW_SOURCES, SOURCE.parent / 'thread_pool.h')
 # Tried in order.  Loops and functions aligned to 64 bytes: otherwise where the hot loops land
@@ -79,9 +78,12 @@ _DW3X3_SIGS = {
     'forward': [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int],
     'grad_weight': [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
 }
-# csrc/dwconv_grad_weight_cpu.cpp: x, grad_out, grad_w, N, C, H, W, Ho, Wo, kh, kw, ph, pw,
-# dh, dw, threads
-_DW_GRAD_WEIGHT_SIG = [_ptr, _ptr, _ptr] + [_i64] * 12 + [_int]
+# csrc/dwconv_kxk_cpu.cpp: (x, w, b, out | x, grad_out, grad_w), N, C, H, W, Ho, Wo, kh, kw,
+# ph, pw, dh, dw, threads
+_DW_KXK_SIGS = {
+    'forward': [_ptr, _ptr, _ptr, _ptr] + [_i64] * 12 + [_int],
+    'grad_weight': [_ptr, _ptr, _ptr] + [_i64] * 12 + [_int],
+}
 
 
 def cache_dir() -> Path:
@@ -155,8 +157,9 @@ def build(verbose: bool = False) -> ctypes.CDLL:
             for name, sig in _DW3X3_SIGS.items():
                 fn = getattr(lib, f'dw3x3_{name}_f32')
                 fn.argtypes, fn.restype = sig, None
-            lib.dw_grad_weight_f32.argtypes = _DW_GRAD_WEIGHT_SIG
-            lib.dw_grad_weight_f32.restype = None
+            for name, sig in _DW_KXK_SIGS.items():
+                fn = getattr(lib, f'dw_{name}_f32')
+                fn.argtypes, fn.restype = sig, None
             return lib
         except Exception as e:  # noqa: BLE001 - try the next, more portable flag set
             errors.append(f'{" ".join(flags)}: {e}')
@@ -337,11 +340,28 @@ def dw3x3_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, dilation: int = 1
     return gw
 
 
+def dw_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
+    """Depthwise convolution, stride 1, of a float32 ``x`` (made NCHW-contiguous here) with
+    ``weight`` ``[C, 1, kh, kw]`` (csrc/dwconv_kxk_cpu.cpp); NCHW-contiguous output."""
+    lib = _lib()
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    n, c, h, w = x.shape
+    (kh, kw), (ph, pw), (dh, dw) = weight.shape[-2:], padding, dilation
+    ho, wo = h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1)
+    out = x.new_empty((n, c, ho, wo))
+    lib.dw_forward_f32(x.data_ptr(), weight.data_ptr(),
+                       bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                       n, c, h, w, ho, wo, kh, kw, ph, pw, dh, dw, torch.get_num_threads())
+    return out
+
+
 def dw_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[int, int],
                    padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
     """``[C, 1, kh, kw]`` weight gradient of a stride-1 depthwise convolution of ``x`` (float32;
     made NCHW-contiguous here) whose output gradient is ``grad_out``
-    (csrc/dwconv_grad_weight_cpu.cpp)."""
+    (csrc/dwconv_kxk_cpu.cpp)."""
     lib = _lib()
     x, grad_out = x.contiguous(), grad_out.contiguous()
     n, c, h, w = x.shape
