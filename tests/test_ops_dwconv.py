@@ -111,6 +111,32 @@ def test_without_the_kernel_library(monkeypatch, n, c, h, w, k, d, p):
         torch.testing.assert_close(got.double(), exp, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not na2d_cpu.is_available(), reason='the C++ kernel library is not built')
+@pytest.mark.parametrize('size,k,d,channels_last,own', [
+    (128, 5, 1, False, True),      # a large NCHW map: our forward
+    (128, 5, 1, True, False),      # channels-last: oneDNN in place
+    (128, 17, 1, True, False),     # channels-last, large: oneDNN (one copy back)
+    (128, 9, 2, True, True),       # channels-last, dilated large: ours (oneDNN: a dense 17x17)
+    (64, 17, 1, False, False),     # a small map: oneDNN
+])
+def test_forward_dispatch(monkeypatch, size, k, d, channels_last, own):
+    """Which forward runs (point 6 of ops/dwconv.py), and its result against float64."""
+    calls = []
+    real = na2d_cpu.dw_forward
+    monkeypatch.setattr(na2d_cpu, 'dw_forward', lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(size + k)
+    x = torch.randn(1, 2, size, size + 3, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(2, 1, k, k, generator=g)
+    p = d * (k // 2)
+    with torch.no_grad():
+        out = depthwise_conv2d(x, w, None, 1, p, d)
+    assert bool(calls) == own
+    want = F.conv2d(x.double(), w.double(), None, 1, p, d, 2)
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_dispatch():
     # float32 CPU training takes the custom path (checked against float64 F.conv2d above);
     # inference stays a plain aten convolution (no autograd node), float64 is plain F.conv2d

@@ -39,9 +39,11 @@ by side, per case, by ``tools/analysis/benchmark.py --dwconv``; figures in docs/
    kernels runs at 20-60 GFLOP/s in either layout (point 2's channels-last route also costs two
    layout copies, and a 9x9 dilation-2 kernel 3.6x the taps as a dense 17x17). From
    :data:`OWN_FORWARD_MIN_PIXELS` pixels per map on, our kernel (``csrc/dwconv_kxk_cpu.cpp``)
-   runs the forward, dilation included, and so the input gradient (point 3): all of OverLoCK-T's
-   depthwise convolutions at 1344x800, forward+backward, 1.28x faster than with oneDNN's
-   forward; on smaller maps oneDNN's NCHW kernel is faster and keeps them.
+   runs the forward of an NCHW-contiguous input, dilation included, and so the input gradient
+   (point 3): all of OverLoCK-T's depthwise convolutions at 1344x800, forward+backward, 1.28x
+   faster than with oneDNN's forward. On smaller maps oneDNN's NCHW kernel is faster, and on a
+   channels-last input (eval mode, point 5) oneDNN runs in place; both keep oneDNN, except a
+   large dilated kernel (:func:`_own_forward`).
 
 Everything else -- autocast, other dtypes, strides, grouped-but-not-depthwise convolutions -- is
 plain ``F.conv2d``. Outputs and gradients equal ``F.conv2d``'s up to float32 summation order
@@ -105,7 +107,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if _own_3x3(x, weight.shape, padding, dilation):
         from .na2d_cpu import dw3x3_forward
         return dw3x3_forward(x, weight, bias, _pair(dilation)[0], residual)
-    if x.shape[-2] * x.shape[-1] >= OWN_FORWARD_MIN_PIXELS and _own_kernels():
+    if _own_forward(x, weight.shape, dilation):
         from .na2d_cpu import dw_forward
         out = dw_forward(x, weight, bias, padding, dilation)
         return x + out if residual else out
@@ -128,6 +130,14 @@ def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         x = x.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1]).contiguous()
     return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1])
+
+
+def _densified(weight_shape, dilation) -> bool:
+    """:func:`_onednn_forward` runs this kernel as its dense equivalent: dilated, at least 9x9,
+    extent >= 15."""
+    (kh, kw), (dh, dw) = weight_shape[-2:], _pair(dilation)
+    return ((dh, dw) != (1, 1) and min(kh, kw) >= 9
+            and max(dh * (kh - 1) + 1, dw * (kw - 1) + 1) >= CHANNELS_LAST_MIN_EXTENT)
 
 
 def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -213,6 +223,20 @@ def _own_3x3(x: torch.Tensor, weight_shape, padding, dilation) -> bool:
     d = _pair(dilation)
     if (tuple(weight_shape[-2:]) != (3, 3) or d[0] != d[1] or _pair(padding) != d
             or not x.is_contiguous()):
+        return False
+    return _own_kernels()
+
+
+def _own_forward(x: torch.Tensor, weight_shape, dilation) -> bool:
+    """Our K x K kernel (csrc/dwconv_kxk_cpu.cpp) runs this forward: a map of at least
+    :data:`OWN_FORWARD_MIN_PIXELS` pixels, NCHW-contiguous. On a channels-last input oneDNN
+    runs in place (small kernels) or with one copy back (extent >= 15), faster than ours after
+    copying the input -- except a large dilated kernel, which oneDNN runs as its dense
+    equivalent (at [1, 64, 200, 336]: 7x7 3.7 against 13.6 ms, 17x17 25.4 against 30.1 ms,
+    9x9 dilation 2 25.4 against 14.9 ms)."""
+    if x.shape[-2] * x.shape[-1] < OWN_FORWARD_MIN_PIXELS:
+        return False
+    if not x.is_contiguous() and not _densified(weight_shape, dilation):
         return False
     return _own_kernels()
 
