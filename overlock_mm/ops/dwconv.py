@@ -110,8 +110,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if _own_forward(x, weight.shape, dilation):
         from .na2d_cpu import dw_forward
         out = dw_forward(x, weight, bias, padding, dilation)
-        return x + out if residual else out
-    out = _onednn_forward(x, weight, bias, padding, dilation)
+    else:
+        out = _onednn_forward(x, weight, bias, padding, dilation)
     return x + out if residual else out
 
 
@@ -119,8 +119,7 @@ def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     padding: Tuple[int, int], dilation: Tuple[int, int]) -> torch.Tensor:
     kh, kw = weight.shape[-2:]
     (dh, dw) = dilation
-    extent = max(dh * (kh - 1) + 1, dw * (kw - 1) + 1)
-    if min(kh, kw) >= 9 and extent >= CHANNELS_LAST_MIN_EXTENT:
+    if _channels_last_route(weight.shape, dilation):
         if (dh, dw) != (1, 1):
             # A large dilated kernel (9x9, dilation 2) is slow in both layouts; as a dense
             # kernel with zeros between the taps it runs on the fast large-kernel path.
@@ -132,11 +131,11 @@ def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1])
 
 
-def _densified(weight_shape, dilation) -> bool:
-    """:func:`_onednn_forward` runs this kernel as its dense equivalent: dilated, at least 9x9,
-    extent >= 15."""
+def _channels_last_route(weight_shape, dilation) -> bool:
+    """:func:`_onednn_forward` runs this kernel channels-last (point 2): at least 9x9, extent
+    >= :data:`CHANNELS_LAST_MIN_EXTENT`; a dilated one as its dense equivalent."""
     (kh, kw), (dh, dw) = weight_shape[-2:], _pair(dilation)
-    return ((dh, dw) != (1, 1) and min(kh, kw) >= 9
+    return (min(kh, kw) >= 9
             and max(dh * (kh - 1) + 1, dw * (kw - 1) + 1) >= CHANNELS_LAST_MIN_EXTENT)
 
 
@@ -236,7 +235,8 @@ def _own_forward(x: torch.Tensor, weight_shape, dilation) -> bool:
     9x9 dilation 2 25.4 against 14.9 ms)."""
     if x.shape[-2] * x.shape[-1] < OWN_FORWARD_MIN_PIXELS:
         return False
-    if not x.is_contiguous() and not _densified(weight_shape, dilation):
+    densified = _channels_last_route(weight_shape, dilation) and _pair(dilation) != (1, 1)
+    if not x.is_contiguous() and not densified:
         return False
     return _own_kernels()
 

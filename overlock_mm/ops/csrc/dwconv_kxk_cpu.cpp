@@ -13,8 +13,9 @@
 // ~150 GFLOP/s, at stride 16, where ops/dwconv.py keeps it).
 //
 // How: GCC vector extensions (AVX-512, AVX2 or SSE as the build allows), vectorised along W.
-// Each task copies its plane of x into a zero-bordered buffer (and grad_out's into rows padded
-// to whole vectors with zeros), so the inner loops have no bounds checks and no scalar tails.
+// Each task copies its plane of x into a zero-bordered per-thread scratch (and grad_out's into
+// rows padded to whole vectors with zeros), so the inner loops have no bounds checks and no
+// scalar tails.
 // - forward: one task per (n, c) plane. An output row is computed in tiles of up to 4 vectors
 //   held in registers; each tap adds its weight times the 4 shifted input vectors.
 // - grad_weight: one task per channel (it sums the N planes), so no two tasks write the same
@@ -44,6 +45,21 @@ inline vf loadu(const float* p) {
 }
 
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// dst [rows][wd] <- src [rows][w] shifted right by `left` columns, zeros around it (every element
+// written: the thread's scratch needs no clearing).  wd >= left + w.
+inline void pad_plane(const float* src, int64_t rows, int64_t w, int64_t left, int64_t wd,
+                      float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dst + r * wd;
+    std::memset(d, 0, sizeof(float) * left);
+    std::memcpy(d + left, src + r * w, sizeof(float) * w);
+    std::memset(d + left + w, 0, sizeof(float) * (wd - left - w));
+  }
+}
+
+// per-thread scratch slots (thread_pool.h); na2d_cpu.cpp's kernels use 0-2
+enum Slot { kPlane = 8, kGradPlane, kRows, kTail };
 
 // ---------------------------------------------------------------------------------- forward
 // out[0 .. NJ kV) = bias + sum over kernel rows a (rows[a] null: outside the map) and columns b
@@ -117,20 +133,11 @@ void dw_forward_f32(const float* x, const float* w, const float* b, float* out, 
   const int64_t tile = kTile * kV;
   // x row from column -pw, zero outside [0, W); wide enough for the last tile's reads
   const int64_t wx = (Wo + kV - 1) / kV * kV + tile + (kw - 1) * dw;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, N * C));
-  std::vector<std::vector<float>> xbufs(nt), tails(nt);
-  std::vector<std::vector<const float*>> rowss(nt);
-  const int64_t cols = std::min<int64_t>(W, wx - pw);
-  na2d::parallel_for(N * C, nthreads, [&](int64_t p, int tid) {
-    std::vector<float>& xb = xbufs[tid];
-    std::vector<const float*>& rows = rowss[tid];
-    if (xb.empty()) {  // zero borders, written once per thread: every plane has the same shape
-      xb.assign(H * wx, 0.f);
-      tails[tid].resize(tile);
-      rows.resize(kh);
-    }
-    const float* xp = x + p * H * W;
-    for (int64_t r = 0; r < H; ++r) std::memcpy(xb.data() + r * wx + pw, xp + r * W, cols * 4);
+  na2d::parallel_for(N * C, nthreads, [&](int64_t p, int) {
+    float* xb = na2d::thread_scratch<float, kPlane>(H * wx, false);
+    const float** rows = na2d::thread_scratch<const float*, kRows>(kh, false);
+    float* tail = na2d::thread_scratch<float, kTail>(tile, false);
+    pad_plane(x + p * H * W, H, W, pw, wx, xb);
     const int64_t c = p % C;
     const float* wc = w + c * kh * kw;
     const float bc = b ? b[c] : 0.f;
@@ -139,14 +146,13 @@ void dw_forward_f32(const float* x, const float* w, const float* b, float* out, 
       for (int64_t j = 0; j < Wo; j += tile) {
         for (int64_t a = 0; a < kh; ++a) {
           const int64_t r = i + a * dh - ph;
-          rows[a] = (r >= 0 && r < H) ? xb.data() + r * wx + j : nullptr;
+          rows[a] = (r >= 0 && r < H) ? xb + r * wx + j : nullptr;
         }
         if (j + tile <= Wo) {
-          forward_tile<kTile>(rows.data(), kh, wc, kw, dw, bc, o + j);
+          forward_tile<kTile>(rows, kh, wc, kw, dw, bc, o + j);
         } else {  // the row's rest: whole vectors into a scratch row, then its first Wo - j
-          forward_tile_n((int)((Wo - j + kV - 1) / kV), rows.data(), kh, wc, kw, dw, bc,
-                         tails[tid].data());
-          std::memcpy(o + j, tails[tid].data(), (Wo - j) * 4);
+          forward_tile_n((int)((Wo - j + kV - 1) / kV), rows, kh, wc, kw, dw, bc, tail);
+          std::memcpy(o + j, tail, (Wo - j) * 4);
         }
       }
     }
@@ -162,33 +168,25 @@ void dw_grad_weight_f32(const float* x, const float* go, float* gw, int64_t N, i
   const int64_t wx = wg + (kw - 1) * dw;       // x row from column -pw, zero outside [0, W)
   // kernel columns in blocks of at most 8, as even as possible (17 -> 6, 6, 5)
   const int64_t nblocks = (kw + 7) / 8, per = (kw + nblocks - 1) / nblocks;
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, C));
-  std::vector<std::vector<float>> xbufs(nt), gbufs(nt);
-  std::vector<std::vector<vf>> accs(nt);
-  na2d::parallel_for(C, nthreads, [&](int64_t c, int tid) {
-    std::vector<float>& xb = xbufs[tid];
-    std::vector<float>& gb = gbufs[tid];
-    std::vector<vf>& acc = accs[tid];
-    xb.assign(H * wx, 0.f);  // zero borders, written once per task
-    gb.assign(Ho * wg, 0.f);
-    acc.assign(kh * kw, vf{});
+  na2d::parallel_for(C, nthreads, [&](int64_t c, int) {
+    float* xb = na2d::thread_scratch<float, kPlane>(H * wx, false);
+    float* gb = na2d::thread_scratch<float, kGradPlane>(Ho * wg, false);
+    // the accumulators per task, not in a thread scratch slot: there the k = 13 / 15 cases ran
+    // 8-13 % slower (A/B on the 2-vCPU VM; likely cache-set conflicts with the planes)
+    std::vector<vf> acc_buf(kh * kw, vf{});
+    vf* acc = acc_buf.data();
     for (int64_t n = 0; n < N; ++n) {
-      const float* xp = x + (n * C + c) * H * W;
-      const float* gp = go + (n * C + c) * Ho * Wo;
-      // columns of x that land in [0, wx): j' = j + pw for j in [max(0, -pw), min(W, wx - pw))
-      const int64_t j0 = std::max<int64_t>(0, -pw), j1 = std::min<int64_t>(W, wx - pw);
-      for (int64_t r = 0; r < H; ++r)
-        if (j1 > j0) std::memcpy(xb.data() + r * wx + j0 + pw, xp + r * W + j0, (j1 - j0) * 4);
-      for (int64_t i = 0; i < Ho; ++i) std::memcpy(gb.data() + i * wg, gp + i * Wo, Wo * 4);
+      pad_plane(x + (n * C + c) * H * W, H, W, pw, wx, xb);
+      pad_plane(go + (n * C + c) * Ho * Wo, Ho, Wo, 0, wg, gb);
       for (int64_t i = 0; i < Ho; ++i) {
-        const float* g = gb.data() + i * wg;
+        const float* g = gb + i * wg;
         for (int64_t a = 0; a < kh; ++a) {
           const int64_t r = i + a * dh - ph;
           if (r < 0 || r >= H) continue;
-          const float* xr = xb.data() + r * wx;
+          const float* xr = xb + r * wx;
           for (int64_t b0 = 0; b0 < kw; b0 += per) {
             const int nb = (int)std::min(per, kw - b0);
-            block_n(nb, g, xr + b0 * dw, dw, wg, acc.data() + a * kw + b0);
+            block_n(nb, g, xr + b0 * dw, dw, wg, acc + a * kw + b0);
           }
         }
       }
