@@ -13,7 +13,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from overlock_mm.ops import available_impls, is_pixel_major, na2d_av, prefers_pixel_major
+from overlock_mm.ops import (available_impls, is_pixel_major, na2d_av, na2d_cpu,
+                             prefers_pixel_major)
 
 IMPLS = available_impls()
 LAYOUTS = ('contiguous', 'pixel-major')
@@ -322,7 +323,6 @@ def test_autocast(impl, dtype, layout):
 def test_cpu_raw_kernels_take_any_strides():
     """The raw kernel calls (what a torch.compile graph runs) read contiguous and pixel-major
     weights in place and copy any other layout first -- never misread it."""
-    from overlock_mm.ops import na2d_cpu
     k = 5
     attn, v = make(1, 2, 4, 7, 9, k)
     expected = brute_force_av(attn, v, k)
@@ -344,8 +344,16 @@ def test_prefers_pixel_major():
     assert not prefers_pixel_major('reference', 'cpu')
     assert not prefers_pixel_major('native', 'cpu')
     assert not prefers_pixel_major('auto', 'cuda')
-    assert prefers_pixel_major('cpu', 'cpu') == ('cpu' in IMPLS)
-    assert prefers_pixel_major('auto', 'cpu') == ('cpu' in IMPLS)
+    assert prefers_pixel_major('cpu', 'cpu') == ('cpu' in IMPLS and na2d_cpu.is_available())
+    assert prefers_pixel_major('auto', 'cpu') == ('cpu' in IMPLS and na2d_cpu.is_available())
+
+
+def test_prefers_pixel_major_without_the_kernel_library(monkeypatch):
+    """Where the C++ library did not build, 'cpu' runs 'native', which reads contiguous weights
+    faster: ContMix is then not asked for pixel-major ones."""
+    monkeypatch.setattr(na2d_cpu, 'is_available', lambda: False)
+    assert not prefers_pixel_major('cpu', 'cpu')
+    assert not prefers_pixel_major('auto', 'cpu')
 
 
 def test_saved_for_backward_is_lean():

@@ -33,7 +33,7 @@ views of ``value`` -- no per-tap copies.
 import functools
 import importlib.util
 from functools import lru_cache
-from typing import Callable, Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -322,17 +322,23 @@ _IMPLS: Dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
 }
 #: the order in which ``impl='auto'`` tries implementations for a device type.
 _AUTO_ORDER: Dict[str, List[str]] = {'cpu': ['native'], 'cuda': ['native']}
-#: (implementation, device type) pairs that read a pixel-major ``attn`` fastest
-_PIXEL_MAJOR: Set[Tuple[str, str]] = set()
+#: (implementation, device type) -> whether it reads a pixel-major ``attn`` fastest right now;
+#: a callable because that can depend on a kernel built at first use (see ``register_impl``)
+_PIXEL_MAJOR: Dict[Tuple[str, str], Callable[[], bool]] = {}
 
 
 def register_impl(name: str, fn: Callable, devices: Tuple[str, ...] = (),
-                  first: bool = True, pixel_major: Tuple[str, ...] = ()) -> None:
-    """Register a faster implementation and (optionally) make ``auto`` prefer it on ``devices``;
-    on the device types in ``pixel_major`` it reads a pixel-major ``attn`` fastest
-    (:func:`prefers_pixel_major`)."""
+                  first: bool = True, pixel_major: Tuple[str, ...] = (),
+                  pixel_major_if: Callable[[], bool] = lambda: True) -> None:
+    """Register a faster implementation and (optionally) make ``auto`` prefer it on ``devices``.
+
+    On the device types in ``pixel_major`` it reads a pixel-major ``attn`` fastest
+    (:func:`prefers_pixel_major`) whenever ``pixel_major_if()`` is true: an implementation that
+    falls back to ``'native'`` (the ``'cpu'`` one without its C++ library) says so there, since
+    ``'native'`` reads a contiguous ``attn`` faster.
+    """
     _IMPLS[name] = fn
-    _PIXEL_MAJOR.update((name, dev) for dev in pixel_major)
+    _PIXEL_MAJOR.update(((name, dev), pixel_major_if) for dev in pixel_major)
     for dev in devices:
         order = _AUTO_ORDER.setdefault(dev, ['native'])
         if name not in order:
@@ -344,7 +350,8 @@ def prefers_pixel_major(impl: str, device_type: str) -> bool:
     (module docstring) faster than a contiguous one; the producer of ``attn`` decides."""
     if impl == 'auto':
         impl = auto_impl(device_type)
-    return (impl, device_type) in _PIXEL_MAJOR
+    condition = _PIXEL_MAJOR.get((impl, device_type))
+    return condition is not None and bool(condition())
 
 
 def auto_impl(device_type: str) -> str:
@@ -416,8 +423,10 @@ def _register_triton() -> bool:
 
 
 def _register_builtin() -> None:
-    from .na2d_cpu import na2d_av_cpu
-    register_impl('cpu', na2d_av_cpu, devices=('cpu',), pixel_major=('cpu',))
+    from . import na2d_cpu
+    # looked up at each call: the library is built (or fails to) at first use
+    register_impl('cpu', na2d_cpu.na2d_av_cpu, devices=('cpu',), pixel_major=('cpu',),
+                  pixel_major_if=lambda: na2d_cpu.is_available())
     _register_triton()
 
 
