@@ -123,6 +123,22 @@ def test_profile_step_prints_a_table():
     assert 'aten::' in table and 'Self CPU' in table
 
 
+def test_profile_step_wall_times_add_up():
+    """``--wall``: without recomputation every leaf module runs once inside the forward and every
+    node inside the backward, so their sums stay within those times and cover most of them;
+    convolution nodes carry their shapes."""
+    import re
+    mod = load_tool('tools/analysis/profile_step.py', 'olk_profile_step')
+    text = mod.main(['--variant', 'xt', '--task', 'cls', '--wall', '--warmup', '1',
+                     '--rows', '50', '--device', 'cpu', '--no-memory-efficient'])
+    t_fwd, t_bwd = map(float, re.search(r'forward ([\d.]+) s, backward ([\d.]+) s', text).groups())
+    leaves = float(re.search(r'\(([\d.]+) s in leaves', text).group(1))
+    nodes = float(re.search(r'\(([\d.]+) s in nodes\)', text).group(1))
+    assert 0.5 * t_fwd < leaves <= t_fwd
+    assert 0.5 * t_bwd < nodes <= t_bwd
+    assert 'ConvolutionBackward0 w[' in text and '_DepthwiseConv2dCPUBackward' in text
+
+
 def test_profile_step_saved_census_sees_the_recomputation():
     """The census must find the dilated branches' saved maps without selective recomputation
     and a smaller total with it (the default)."""
