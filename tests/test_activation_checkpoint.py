@@ -7,13 +7,16 @@ import torch
 import torch.nn as nn
 
 from autograd_utils import saved_storages
-from overlock_mm.utils.activation_checkpoint import (checkpoint_block, frozen_bn_statistics,
+from overlock_mm.layers import BatchNorm2d
+from overlock_mm.utils.activation_checkpoint import (_skips_count_without_buffer,
+                                                     checkpoint_block, frozen_bn_statistics,
                                                      sequential_with_recompute)
 
 
 # nn.SyncBatchNorm: what sync_bn='torch' turns every BatchNorm into under DDP; it refuses a None
-# num_batches_tracked, and in one process it runs as a plain BatchNorm.
-@pytest.mark.parametrize('norm', [nn.BatchNorm2d, nn.SyncBatchNorm])
+# num_batches_tracked, and in one process it runs as a plain BatchNorm. BatchNorm2d: ours (a CPU
+# kernel in training), frozen like nn.BatchNorm2d by setting the count's buffer aside.
+@pytest.mark.parametrize('norm', [nn.BatchNorm2d, nn.SyncBatchNorm, BatchNorm2d])
 @pytest.mark.parametrize('momentum', [0.1, None])  # None: cumulative moving average
 def test_checkpointed_block_matches_plain_block(norm, momentum):
     torch.manual_seed(0)
@@ -34,6 +37,7 @@ def test_checkpointed_block_matches_plain_block(norm, momentum):
         torch.testing.assert_close(b.grad, a.grad, msg=n)
     assert ckpt[1].momentum == momentum  # restored
     assert ckpt[1].num_batches_tracked.item() == 1
+    assert _skips_count_without_buffer(ckpt[1]) == (norm is not nn.SyncBatchNorm)
 
 
 def test_frozen_statistics_restores_on_error_and_skips_eval_layers():

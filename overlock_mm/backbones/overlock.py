@@ -22,7 +22,8 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerScale, RepConvBlock
+from ..layers import (BatchNorm2d, DilatedReparamBlock, DynamicConvBlock, LayerNorm2d, LayerScale,
+                      RepConvBlock)
 from ..layers.conv import conv_bn
 from ..ops import known_impls
 from ..registry import MODELS
@@ -44,10 +45,10 @@ FROZEN_PARTS = ('stem + blocks1 (+ extra_norm.0)', 'patch_embed2 + blocks2 (+ ex
 def _stem(in_channels: int, dim: int) -> nn.Sequential:
     half = dim // 2
     return nn.Sequential(
-        nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
-        nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim),
+        nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, half, 3, 1, 1, bias=False), BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, dim, 3, 2, 1, bias=False), BatchNorm2d(dim), nn.GELU(),
+        nn.Conv2d(dim, dim, 3, 1, 1, bias=False), BatchNorm2d(dim),
     )
 
 

@@ -14,7 +14,7 @@ from ..ops import prefers_pixel_major
 from ..utils.activation_checkpoint import sequential_with_recompute
 from .contmix import NUM_REGIONS_SIDE, contmix_aggregate, contmix_kernels
 from .conv import DWConv2d, ResDWConv, SEModule, conv_bn
-from .norm import GRN, LayerNorm2d, LayerScale, layer_scale_or_identity
+from .norm import GRN, BatchNorm2d, LayerNorm2d, LayerScale, layer_scale_or_identity
 from .reparam import DilatedReparamBlock
 
 
@@ -66,7 +66,7 @@ class RepConvBlock(nn.Module):
         self.proj = nn.Sequential(
             LayerNorm2d(dim),
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
-            nn.BatchNorm2d(dim),
+            BatchNorm2d(dim),
             SEModule(dim),
             nn.Conv2d(dim, hidden, 1),
             nn.GELU(),
@@ -137,7 +137,7 @@ class DynamicConvBlock(nn.Module):
         self.norm1 = LayerNorm2d(out_dim)
         self.fusion = nn.Sequential(
             DWConv2d(out_dim, 3, padding=1),
-            nn.BatchNorm2d(out_dim),
+            BatchNorm2d(out_dim),
             nn.GELU(),
             nn.Conv2d(out_dim, dim, 1),
             GRN(dim),
@@ -151,11 +151,11 @@ class DynamicConvBlock(nn.Module):
         self.dyconv_proj = conv_bn(dim, dim)
         self.lepe = nn.Sequential(
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
-            nn.BatchNorm2d(dim),
+            BatchNorm2d(dim),
         )
         self.se_layer = SEModule(dim)
         self.gate = nn.Sequential(*conv_bn(dim, dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.proj = nn.Sequential(BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
         self.dwconv2 = ResDWConv(out_dim)
         self.norm2 = LayerNorm2d(out_dim)
         self.mlp = nn.Sequential(

@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.dwconv import depthwise_conv2d
+from .norm import BatchNorm2d
 
 
 class DWConv2d(nn.Conv2d):
@@ -63,5 +64,5 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 1, stride: i
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
                   groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels),
+        BatchNorm2d(out_channels),
     )

@@ -5,7 +5,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.batchnorm import batch_norm_train, fast_path_applies
 from ..ops.grn import grn
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same arguments, parameters, buffers and checkpoint keys) whose
+    training forward runs our CPU kernel where :func:`~overlock_mm.ops.batchnorm.
+    fast_path_applies` (:mod:`overlock_mm.ops.batchnorm`); everything else is
+    ``nn.BatchNorm2d``'s own forward. The running statistics are updated as there:
+    ``num_batches_tracked`` counts (when the buffer is not None), the factor is ``momentum`` or,
+    for ``momentum=None``, ``1 / num_batches_tracked``, and the variance averaged in is the
+    unbiased one. SyncBatchNorm conversion and re-parameterisation see a ``_BatchNorm``."""
+
+    #: like ``_BatchNorm.forward``, ours leaves the count alone when ``num_batches_tracked`` is
+    #: None (what :mod:`overlock_mm.utils.activation_checkpoint` relies on to freeze it cheaply)
+    skips_count_without_buffer = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and fast_path_applies(x)):
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        out, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps)
+        # factor 0 (momentum 0: the statistics frozen during a recomputation) changes nothing
+        if self.track_running_stats and self.running_mean is not None and factor != 0:
+            n = x.numel() // x.shape[1]
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var, alpha=factor * n / (n - 1))
+        return out
 
 
 class LayerNorm2d(nn.LayerNorm):

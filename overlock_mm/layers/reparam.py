@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..ops.dwconv import contiguous_for_dwconv
 from .conv import DWConv2d
+from .norm import BatchNorm2d
 
 #: kernel size -> ((small kernel, dilation), ...) of the parallel dilated branches.
 DILATED_BRANCHES: Dict[int, Tuple[Tuple[int, int], ...]] = {
@@ -95,12 +96,12 @@ class DilatedReparamBlock(nn.Module):
         self.deploy = deploy
         if deploy:
             return
-        self.origin_bn = nn.BatchNorm2d(channels)
+        self.origin_bn = BatchNorm2d(channels)
         for k, r in self.branches:
             self.add_module(f'dil_conv_k{k}_{r}',
                             DWConv2d(channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r,
                                      bias=False))
-            self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
+            self.add_module(f'dil_bn_k{k}_{r}', BatchNorm2d(channels))
 
     @staticmethod
     def valid_kernel_sizes() -> List[int]:

@@ -2,7 +2,9 @@
 (``csrc/na2d_cpu.cpp``). The same library holds the depthwise-convolution kernels that
 :mod:`overlock_mm.ops.dwconv` uses on CPU: the 3x3 convolution, any dilation
 (``csrc/dwconv3x3_cpu.cpp``, :func:`dw3x3_forward`), and any other kernel size's forward and
-weight gradient (``csrc/dwconv_kxk_cpu.cpp``, :func:`dw_forward`, :func:`dw_grad_weight`).
+weight gradient (``csrc/dwconv_kxk_cpu.cpp``, :func:`dw_forward`, :func:`dw_grad_weight`); and
+BatchNorm's training forward and backward that :mod:`overlock_mm.ops.batchnorm` uses
+(``csrc/batchnorm_cpu.cpp``, :func:`bn_forward`, :func:`bn_backward`).
 
 The kernel is plain C++17 without torch headers: it compiles once (~20 s on a 2-core Xeon, then
 cached) with the system compiler (``$CXX`` or ``g++``, ``-O3 -march=native``) and is called
@@ -46,10 +48,12 @@ from .neighborhood import (_as_operand, _compute_dtype, _na2d_av_native, apply_l
                            is_pixel_major, lean_av_function)
 
 SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
-# the same library's depthwise convolution kernels (used by ops/dwconv.py): 3x3, and any K x K
-DW_SOURCES = (SOURCE.parent / 'dwconv3x3_cpu.cpp', SOURCE.parent / 'dwconv_kxk_cpu.cpp')
+# the same library's other kernels: depthwise convolutions (ops/dwconv.py: 3x3, and any K x K)
+# and BatchNorm in training (ops/batchnorm.py)
+EXTRA_SOURCES = (SOURCE.parent / 'dwconv3x3_cpu.cpp', SOURCE.parent / 'dwconv_kxk_cpu.cpp',
+                 SOURCE.parent / 'batchnorm_cpu.cpp')
 # every file the build reads: its bytes are part of the cache key
-SOURCES = (SOURCE, *DW_SOURCES, SOURCE.parent / 'thread_pool.h')
+SOURCES = (SOURCE, *EXTRA_SOURCES, SOURCE.parent / 'thread_pool.h')
 # Tried in order.  Loops and functions aligned to 64 bytes: otherwise where the hot loops land
 # depends on the code before them, and an unrelated change (the forward's masked loads) left
 # grad_value 1.35x slower at k = 7 (A/B on the 2-core VM; aligned, the two run equally fast).
@@ -85,6 +89,13 @@ _DW_KXK_SIGS = {
     'grad_weight': [_ptr, _ptr, _ptr] + [_i64] * 12 + [_int],
 }
 
+# csrc/batchnorm_cpu.cpp: (x, w, b, y, mean, var), N, C, HW, eps, threads |
+# (grad_out, x, w, mean, invstd, grad_x, grad_w, grad_b), N, C, HW, threads
+_BN_SIGS = {
+    'forward': [_ptr] * 6 + [_i64] * 3 + [ctypes.c_double, _int],
+    'backward': [_ptr] * 8 + [_i64] * 3 + [_int],
+}
+
 
 def cache_dir() -> Path:
     root = os.environ.get('OVERLOCK_MM_CACHE')
@@ -118,7 +129,7 @@ def _compile(cxx: str, flags, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + '.', suffix='.tmp.so', dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, *_COMMON, str(SOURCE), *map(str, DW_SOURCES), '-o', tmp]
+        cmd = [cxx, *flags, *_COMMON, str(SOURCE), *map(str, EXTRA_SOURCES), '-o', tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
@@ -159,6 +170,9 @@ def build(verbose: bool = False) -> ctypes.CDLL:
                 fn.argtypes, fn.restype = sig, None
             for name, sig in _DW_KXK_SIGS.items():
                 fn = getattr(lib, f'dw_{name}_f32')
+                fn.argtypes, fn.restype = sig, None
+            for name, sig in _BN_SIGS.items():
+                fn = getattr(lib, f'bn_{name}_f32')
                 fn.argtypes, fn.restype = sig, None
             return lib
         except Exception as e:  # noqa: BLE001 - try the next, more portable flag set
@@ -371,3 +385,41 @@ def dw_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[i
                            grad_out.shape[2], grad_out.shape[3], kh, kw, ph, pw, dh, dw,
                            torch.get_num_threads())
     return gw
+
+
+# ------------------------------------------------ BatchNorm in training (csrc/batchnorm_cpu.cpp)
+def _ptr_or_none(t: Optional[torch.Tensor]):
+    return t.data_ptr() if t is not None else None
+
+
+def bn_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm of an NCHW-contiguous float32 ``x`` with its batch statistics: the output, the
+    mean and the biased variance per channel (ops/batchnorm.py)."""
+    lib = _lib()
+    n, c = x.shape[:2]
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mean, var = x.new_empty(c), x.new_empty(c)
+    lib.bn_forward_f32(x.data_ptr(), _ptr_or_none(weight), _ptr_or_none(bias), out.data_ptr(),
+                       mean.data_ptr(), var.data_ptr(), n, c, x[0, 0].numel(), eps,
+                       torch.get_num_threads())
+    return out, mean, var
+
+
+def bn_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                mean: torch.Tensor, invstd: torch.Tensor, needs: Tuple[bool, bool, bool]
+                ) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients of :func:`bn_forward` (input, weight, bias; ``None`` where ``needs`` says
+    not), for NCHW-contiguous float32 ``grad_out`` and ``x``."""
+    lib = _lib()
+    n, c = x.shape[:2]
+    weight = weight.contiguous() if weight is not None else None
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
+    gw = x.new_empty(c) if needs[1] else None
+    gb = x.new_empty(c) if needs[2] else None
+    lib.bn_backward_f32(grad_out.data_ptr(), x.data_ptr(), _ptr_or_none(weight),
+                        mean.data_ptr(), invstd.data_ptr(), _ptr_or_none(gx), _ptr_or_none(gw),
+                        _ptr_or_none(gb), n, c, x[0, 0].numel(), torch.get_num_threads())
+    return gx, gw, gb

@@ -57,6 +57,14 @@ def _submodules(modules: Sequence[nn.Module]) -> List[nn.Module]:
     return out
 
 
+def _skips_count_without_buffer(m: nn.Module) -> bool:
+    """``m``'s forward leaves ``num_batches_tracked`` alone where the buffer is None:
+    ``_BatchNorm.forward`` (BatchNorm1d/2d/3d), and classes that declare the same with
+    ``skips_count_without_buffer = True`` (``overlock_mm.layers.norm.BatchNorm2d``)."""
+    cls = type(m)
+    return cls.forward is _BatchNorm.forward or getattr(cls, 'skips_count_without_buffer', False)
+
+
 def _freeze_statistics(norms: Sequence[nn.Module]) -> list:
     """Freeze the running statistics of ``norms`` (layers that :func:`_tracks_statistics`);
     returns what :func:`_restore_statistics` needs. See :func:`frozen_bn_statistics`. Attributes
@@ -66,7 +74,7 @@ def _freeze_statistics(norms: Sequence[nn.Module]) -> list:
     for m in norms:
         tracked, backup = m._buffers.get('num_batches_tracked'), None
         if tracked is not None:
-            if type(m).forward is _BatchNorm.forward:
+            if _skips_count_without_buffer(m):
                 m._buffers['num_batches_tracked'] = None
             else:
                 backup = tracked.clone()
@@ -91,7 +99,8 @@ def frozen_bn_statistics(*modules: nn.Module) -> Iterator[None]:
     They still normalise with the batch statistics. ``momentum = 0`` makes the running update
     ``running = running * 1 + batch * 0`` (also when momentum is ``None``, the cumulative
     average). ``num_batches_tracked`` would still count: where the layer runs
-    ``_BatchNorm.forward`` (BatchNorm1d/2d/3d), which skips the count when the buffer is
+    ``_BatchNorm.forward`` (BatchNorm1d/2d/3d) or declares that it behaves the same
+    (:func:`_skips_count_without_buffer`), which skips the count when the buffer is
     ``None``, the buffer is set aside -- no clone before and no copy back after, two kernel
     launches and an allocation fewer per BatchNorm and recomputation. Layers with a forward of
     their own (``nn.SyncBatchNorm`` insists on the buffer) count into it and get a saved copy
