@@ -53,7 +53,7 @@ SOURCE = Path(__file__).parent / 'csrc' / 'na2d_cpu.cpp'
 EXTRA_SOURCES = (SOURCE.parent / 'dwconv3x3_cpu.cpp', SOURCE.parent / 'dwconv_kxk_cpu.cpp',
                  SOURCE.parent / 'batchnorm_cpu.cpp')
 # every file the build reads: its bytes are part of the cache key
-SOURCES = (SOURCE, *EXTRA_SOURCES, SOURCE.parent / 'thread_pool.h')
+SOURCES = (SOURCE, *EXTRA_SOURCES, SOURCE.parent / 'thread_pool.h', SOURCE.parent / 'vec_f32.h')
 # Tried in order.  Loops and functions aligned to 64 bytes: otherwise where the hot loops land
 # depends on the code before them, and an unrelated change (the forward's masked loads) left
 # grad_value 1.35x slower at k = 7 (A/B on the 2-core VM; aligned, the two run equally fast).

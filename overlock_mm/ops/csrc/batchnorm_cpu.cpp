@@ -19,24 +19,15 @@
 #include <cstring>
 
 #include "thread_pool.h"
+#include "vec_f32.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kV = 16;
-#else
-constexpr int kV = 8;
-#endif
-typedef float vf __attribute__((vector_size(kV * sizeof(float))));
+using na2d::kV;
+using na2d::loadu;
+using na2d::storeu;
+using na2d::vf;
 constexpr int64_t kBlock = 4096;
-
-inline vf loadu(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline double hsum(vf v) {
   double s = 0;

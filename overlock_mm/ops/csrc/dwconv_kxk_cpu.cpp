@@ -28,23 +28,14 @@
 #include <vector>
 
 #include "thread_pool.h"
+#include "vec_f32.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kV = 16;
-#else
-constexpr int kV = 8;
-#endif
-typedef float vf __attribute__((vector_size(kV * sizeof(float))));
-
-inline vf loadu(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+using na2d::kV;
+using na2d::loadu;
+using na2d::storeu;
+using na2d::vf;
 
 // dst [rows][wd] <- src [rows][w] shifted right by `left` columns, zeros around it (every element
 // written: the thread's scratch needs no clearing).  wd >= left + w.
