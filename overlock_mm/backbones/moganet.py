@@ -22,6 +22,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.moga import MogaBlock
+from ..layers.norm import BatchNorm2d
 from ..registry import MODELS
 from ..utils.activation_checkpoint import checkpoint_block
 from ._baseline_utils import load_released_weights
@@ -48,8 +49,8 @@ class StemConv(nn.Module):
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
         self.projection = nn.Sequential(
-            nn.Conv2d(in_channels, dim // 2, 3, 2, 1), nn.BatchNorm2d(dim // 2), nn.GELU(),
-            nn.Conv2d(dim // 2, dim, 3, 2, 1), nn.BatchNorm2d(dim))
+            nn.Conv2d(in_channels, dim // 2, 3, 2, 1), BatchNorm2d(dim // 2), nn.GELU(),
+            nn.Conv2d(dim // 2, dim, 3, 2, 1), BatchNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(x)
@@ -61,7 +62,7 @@ class ConvDownsample(nn.Module):
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
         self.projection = nn.Conv2d(in_channels, dim, 3, 2, 1)
-        self.norm = nn.BatchNorm2d(dim)
+        self.norm = BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.projection(x))
@@ -161,7 +162,7 @@ class MogaNet(FrozenStagesMixin, BaseModule):
             cur += depths[i]
             self.add_module(f'patch_embed{i + 1}', embed)
             self.add_module(f'blocks{i + 1}', blocks)
-            self.add_module(f'norm{i + 1}', nn.BatchNorm2d(dims[i]))
+            self.add_module(f'norm{i + 1}', BatchNorm2d(dims[i]))
         self._freeze_stages()
 
     @classmethod

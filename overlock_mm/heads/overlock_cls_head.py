@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from mmpretrain.models.heads import ClsHead
 
+from ..layers.norm import BatchNorm2d
 from ..registry import MODELS
 
 
@@ -44,7 +45,7 @@ class OverLoCKClsHead(ClsHead):
         self.aux_loss_weight = aux_loss_weight
         self.head = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, 1, bias=False),
-            nn.BatchNorm2d(hidden_channels),
+            BatchNorm2d(hidden_channels),
             nn.SiLU(),
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(hidden_channels, num_classes, 1),
@@ -52,7 +53,7 @@ class OverLoCKClsHead(ClsHead):
         self.aux_head = None
         if aux_in_channels is not None:
             self.aux_head = nn.Sequential(
-                nn.BatchNorm2d(aux_in_channels),
+                BatchNorm2d(aux_in_channels),
                 nn.AdaptiveAvgPool2d(1),
                 nn.Conv2d(aux_in_channels, num_classes, 1),
             )

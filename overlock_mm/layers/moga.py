@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 
 from .conv import DWConv2d
+from .norm import BatchNorm2d
 
 
 class ElementScale(nn.Module):
@@ -176,10 +177,10 @@ class MogaBlock(nn.Module):
                  dilations: Sequence[int] = (1, 2, 3), channel_split: Sequence[int] = (1, 3, 4),
                  attn_act_type: str = 'SiLU') -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(channels)
+        self.norm1 = BatchNorm2d(channels)
         self.attn = MultiOrderGatedAggregation(channels, dilations, channel_split, attn_act_type)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.BatchNorm2d(channels)
+        self.norm2 = BatchNorm2d(channels)
         self.mlp = ChannelAggregationFFN(channels, int(channels * ffn_ratio), drop=drop)
         self.layer_scale_1 = nn.Parameter(torch.full((1, channels, 1, 1), float(init_value)))
         self.layer_scale_2 = nn.Parameter(torch.full((1, channels, 1, 1), float(init_value)))

@@ -29,6 +29,7 @@ from mmcv.cnn.bricks import DropPath
 
 from ..ops.grn import grn
 from .conv import DWConv2d
+from .norm import BatchNorm2d
 from .reparam import DilatedReparamBlock
 
 #: UniRepLKNet: large kernel size -> ((small kernel, dilation), ...) of the dilated branches.
@@ -66,12 +67,12 @@ class UniRepLKReparamBlock(DilatedReparamBlock):
         self.lk_origin = DWConv2d(channels, kernel_size, padding=kernel_size // 2, bias=deploy)
         if deploy:
             return
-        self.origin_bn = nn.BatchNorm2d(channels)
+        self.origin_bn = BatchNorm2d(channels)
         for k, r in self.branches:
             self.add_module(f'dil_conv_k{k}_{r}',
                             DWConv2d(channels, k, padding=r * (k - 1) // 2, dilation=r,
                                      bias=False))
-            self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(channels))
+            self.add_module(f'dil_bn_k{k}_{r}', BatchNorm2d(channels))
 
     @staticmethod
     def valid_kernel_sizes() -> list:
@@ -162,7 +163,7 @@ class UniRepLKNetBlock(nn.Module):
         else:
             raise ValueError(f'UniRepLKNetBlock: kernel size {kernel_size} is not supported; valid '
                              f'sizes: {sorted(PLAIN_KERNELS + tuple(UNIREPLKNET_BRANCHES))}.')
-        self.norm = nn.Identity() if deploy else nn.BatchNorm2d(dim)
+        self.norm = nn.Identity() if deploy else BatchNorm2d(dim)
         self.se = SEBlock(dim, dim // 4)
         hidden = int(ffn_factor * dim)
         self.pwconv1 = nn.Sequential(ToChannelsLast(), nn.Linear(dim, hidden))
@@ -171,7 +172,7 @@ class UniRepLKNetBlock(nn.Module):
             self.pwconv2 = nn.Sequential(nn.Linear(hidden, dim), ToChannelsFirst())
         else:
             self.pwconv2 = nn.Sequential(nn.Linear(hidden, dim, bias=False), ToChannelsFirst(),
-                                         nn.BatchNorm2d(dim))
+                                         BatchNorm2d(dim))
         use_gamma = not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0
         self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init_value))) \
             if use_gamma else None
