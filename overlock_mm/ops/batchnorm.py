@@ -27,11 +27,10 @@ def fast_path_applies(x: torch.Tensor) -> bool:
     see aten operations only), and the kernel library built."""
     if (x.device.type != 'cpu' or x.dtype != torch.float32 or x.dim() != 4
             or not x.is_contiguous() or x.numel() <= x.shape[1]
-            or torch.is_autocast_enabled('cpu')
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            or torch.is_autocast_enabled('cpu')):
         return False
-    from .na2d_cpu import is_available
-    return is_available()
+    from .na2d_cpu import usable_eagerly
+    return usable_eagerly()
 
 
 class _BatchNormCPU(torch.autograd.Function):
@@ -39,8 +38,7 @@ class _BatchNormCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         from .na2d_cpu import bn_forward
-        out, mean, var = bn_forward(x, weight, bias, eps)
-        invstd = torch.rsqrt(var + eps)
+        out, mean, var, invstd = bn_forward(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var

@@ -242,12 +242,11 @@ def _own_forward(x: torch.Tensor, weight_shape, dilation) -> bool:
 
 
 def _own_kernels() -> bool:
-    """Our kernels can run: the kernel library built, and no tracer or compiler looking (they
-    see aten operations only)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    from .na2d_cpu import is_available
-    return is_available()
+    """Our kernels can run (:func:`overlock_mm.ops.na2d_cpu.usable_eagerly`), imported at call
+    time like the kernels themselves: na2d_cpu imports the neighborhood module, which imports it
+    back."""
+    from .na2d_cpu import usable_eagerly
+    return usable_eagerly()
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -89,10 +89,10 @@ _DW_KXK_SIGS = {
     'grad_weight': [_ptr, _ptr, _ptr] + [_i64] * 12 + [_int],
 }
 
-# csrc/batchnorm_cpu.cpp: (x, w, b, y, mean, var), N, C, HW, eps, threads |
+# csrc/batchnorm_cpu.cpp: (x, w, b, y, mean, var, invstd), N, C, HW, eps, threads |
 # (grad_out, x, w, mean, invstd, grad_x, grad_w, grad_b), N, C, HW, threads
 _BN_SIGS = {
-    'forward': [_ptr] * 6 + [_i64] * 3 + [ctypes.c_double, _int],
+    'forward': [_ptr] * 7 + [_i64] * 3 + [ctypes.c_double, _int],
     'backward': [_ptr] * 8 + [_i64] * 3 + [_int],
 }
 
@@ -208,6 +208,15 @@ def build_error() -> Optional[str]:
 
 def is_available() -> bool:
     return load() is not None
+
+
+def usable_eagerly() -> bool:
+    """The depthwise and BatchNorm kernels can run for this call: the library built, and no
+    tracer or compiler looking (they see aten operations only; ContMix's kernel has custom ops
+    for them instead)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return is_available()
 
 
 def _dims(value: torch.Tensor):
@@ -326,6 +335,10 @@ def na2d_av_cpu(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> to
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def _ptr_or_none(t: Optional[torch.Tensor]):
+    return t.data_ptr() if t is not None else None
+
+
 # ------------------------------------ depthwise convolutions (csrc/dwconv*_cpu.cpp, ops/dwconv.py)
 def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   dilation: int = 1, residual: bool = False) -> torch.Tensor:
@@ -338,7 +351,7 @@ def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     lib.dw3x3_forward_f32(x.data_ptr(), weight.data_ptr(),
-                          bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                          _ptr_or_none(bias), out.data_ptr(),
                           n, c, h, w, dilation, int(residual), torch.get_num_threads())
     return out
 
@@ -366,7 +379,7 @@ def dw_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     ho, wo = h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1)
     out = x.new_empty((n, c, ho, wo))
     lib.dw_forward_f32(x.data_ptr(), weight.data_ptr(),
-                       bias.data_ptr() if bias is not None else None, out.data_ptr(),
+                       _ptr_or_none(bias), out.data_ptr(),
                        n, c, h, w, ho, wo, kh, kw, ph, pw, dh, dw, torch.get_num_threads())
     return out
 
@@ -388,24 +401,20 @@ def dw_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[i
 
 
 # ------------------------------------------------ BatchNorm in training (csrc/batchnorm_cpu.cpp)
-def _ptr_or_none(t: Optional[torch.Tensor]):
-    return t.data_ptr() if t is not None else None
-
-
 def bn_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchNorm of an NCHW-contiguous float32 ``x`` with its batch statistics: the output, the
-    mean and the biased variance per channel (ops/batchnorm.py)."""
+               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm of an NCHW-contiguous float32 ``x`` with its batch statistics: the output, and
+    per channel the mean, the biased variance and ``1 / sqrt(var + eps)`` (ops/batchnorm.py)."""
     lib = _lib()
     n, c = x.shape[:2]
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    mean, var = x.new_empty(c), x.new_empty(c)
+    mean, var, invstd = x.new_empty(c), x.new_empty(c), x.new_empty(c)
     lib.bn_forward_f32(x.data_ptr(), _ptr_or_none(weight), _ptr_or_none(bias), out.data_ptr(),
-                       mean.data_ptr(), var.data_ptr(), n, c, x[0, 0].numel(), eps,
-                       torch.get_num_threads())
-    return out, mean, var
+                       mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), n, c,
+                       x[0, 0].numel(), eps, torch.get_num_threads())
+    return out, mean, var, invstd
 
 
 def bn_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],

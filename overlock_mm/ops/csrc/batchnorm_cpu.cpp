@@ -35,52 +35,31 @@ inline double hsum(vf v) {
   return s;
 }
 
-// s1 += sum(p - shift), s2 += sum((p - shift)^2) over n elements
-void shifted_sums(const float* p, int64_t n, float shift, double& s1, double& s2) {
-  const vf vs = vf{} + shift;
+// s1 += sum(u), s2 += sum(u * (p - s)) over n elements, where u = p - s (kSelf: the forward's
+// shifted sums) or u = g (the backward's sums of grad_out and grad_out * (x - mean))
+template <bool kSelf>
+void block_sums(const float* g, const float* p, int64_t n, float s, double& s1, double& s2) {
+  const vf vs = vf{} + s;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t e = std::min(n, b0 + kBlock);
     vf a0 = {}, a1 = {}, q0 = {}, q1 = {};
     int64_t i = b0;
     for (; i + 2 * kV <= e; i += 2 * kV) {
-      const vf x0 = loadu(p + i) - vs, x1 = loadu(p + i + kV) - vs;
-      a0 += x0;
-      a1 += x1;
-      q0 += x0 * x0;
-      q1 += x1 * x1;
+      const vf d0 = loadu(p + i) - vs, d1 = loadu(p + i + kV) - vs;
+      const vf u0 = kSelf ? d0 : loadu(g + i), u1 = kSelf ? d1 : loadu(g + i + kV);
+      a0 += u0;
+      a1 += u1;
+      q0 += u0 * d0;
+      q1 += u1 * d1;
     }
     double t1 = hsum(a0 + a1), t2 = hsum(q0 + q1);
     for (; i < e; ++i) {
-      const double d = double(p[i]) - shift;
-      t1 += d;
-      t2 += d * d;
+      const double d = double(p[i]) - s, u = kSelf ? d : double(g[i]);
+      t1 += u;
+      t2 += u * d;
     }
     s1 += t1;
     s2 += t2;
-  }
-}
-
-// sg += sum(g), sgx += sum(g * (p - mu)) over n elements
-void grad_sums(const float* g, const float* p, int64_t n, float mu, double& sg, double& sgx) {
-  const vf vm = vf{} + mu;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t e = std::min(n, b0 + kBlock);
-    vf a0 = {}, a1 = {}, q0 = {}, q1 = {};
-    int64_t i = b0;
-    for (; i + 2 * kV <= e; i += 2 * kV) {
-      const vf g0 = loadu(g + i), g1 = loadu(g + i + kV);
-      a0 += g0;
-      a1 += g1;
-      q0 += g0 * (loadu(p + i) - vm);
-      q1 += g1 * (loadu(p + i + kV) - vm);
-    }
-    double t1 = hsum(a0 + a1), t2 = hsum(q0 + q1);
-    for (; i < e; ++i) {
-      t1 += g[i];
-      t2 += double(g[i]) * (double(p[i]) - mu);
-    }
-    sg += t1;
-    sgx += t2;
   }
 }
 
@@ -88,21 +67,24 @@ void grad_sums(const float* g, const float* p, int64_t n, float mu, double& sg, 
 
 extern "C" {
 
-// y (may be null: statistics only), mean and biased var [C]; w, b may be null (1, 0)
+// y; mean, biased var and 1 / sqrt(var + eps) [C]; w, b may be null (1, 0)
 void bn_forward_f32(const float* x, const float* w, const float* b, float* y, float* mean_out,
-                    float* var_out, int64_t N, int64_t C, int64_t HW, double eps, int nthreads) {
+                    float* var_out, float* invstd_out, int64_t N, int64_t C, int64_t HW,
+                    double eps, int nthreads) {
   na2d::parallel_for(C, nthreads, [&](int64_t c, int) {
     const float shift = x[c * HW];
     double s1 = 0, s2 = 0;
-    for (int64_t n = 0; n < N; ++n) shifted_sums(x + (n * C + c) * HW, HW, shift, s1, s2);
+    for (int64_t n = 0; n < N; ++n)
+      block_sums<true>(nullptr, x + (n * C + c) * HW, HW, shift, s1, s2);
     const double count = double(N) * double(HW);
     const double m = s1 / count;
     const double var = std::max(s2 / count - m * m, 0.0);
     const double mean = shift + m;
+    const double inv = 1.0 / std::sqrt(var + eps);
     mean_out[c] = float(mean);
     var_out[c] = float(var);
-    if (!y) return;
-    const double scale = (w ? w[c] : 1.0) / std::sqrt(var + eps);
+    invstd_out[c] = float(inv);
+    const double scale = (w ? w[c] : 1.0) * inv;
     const float sc = float(scale), sh = float((b ? b[c] : 0.0) - mean * scale);
     const vf vsc = vf{} + sc, vsh = vf{} + sh;
     for (int64_t n = 0; n < N; ++n) {
@@ -123,7 +105,7 @@ void bn_backward_f32(const float* gy, const float* x, const float* w, const floa
     const float mu = mean[c];
     double sg = 0, sgx = 0;
     for (int64_t n = 0; n < N; ++n)
-      grad_sums(gy + (n * C + c) * HW, x + (n * C + c) * HW, HW, mu, sg, sgx);
+      block_sums<false>(gy + (n * C + c) * HW, x + (n * C + c) * HW, HW, mu, sg, sgx);
     const double inv = invstd[c], count = double(N) * double(HW);
     if (gw) gw[c] = float(sgx * inv);
     if (gb) gb[c] = float(sg);
